@@ -1,0 +1,1 @@
+"""Objectives: divergence kernels, top-K supports, routing, reduction, and the objective zoo."""

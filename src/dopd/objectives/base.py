@@ -1,0 +1,274 @@
+"""The objective engine: routing decides, per token, which terms apply; kernels compute them.
+
+An objective is a small routing rule. It names token *groups* (DOPD's four regimes, or a single
+``"all"`` group), gives each group a tuple of ``Term``s (target view, divergence, granularity,
+weight), and assigns every valid token to one group. ``objective_loss`` does the rest, the same
+way for every objective: select valid rows, compute step statistics and thresholds, assign
+groups, evaluate each term only on the rows that need it (so a full-vocabulary term costs only its
+own rows), weight, reduce once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dopd.errors import ConfigError, require_choice, require_int, require_range
+from dopd.objectives.divergences import DIVERGENCES, divergence_beta, generalized_jsd, sampled_token_surrogate
+from dopd.objectives.reduction import REDUCTIONS, reduce_loss
+from dopd.objectives.support import SUPPORT_SOURCES, restrict_to_support, topk_support
+from dopd.objectives.views import TokenViews
+
+GRANULARITIES = ("sampled", "topk", "full")
+TARGETS = ("teacher", "priv_student", "extrapolated")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveOptions:
+    """Options every objective shares.
+
+    Attributes:
+        top_k: support size of top-K terms (``> V`` means the whole vocabulary).
+        topk_support: whose top-K forms the support: ``student``, ``teacher`` or ``union``.
+        topk_tail: add a tail entry with the remaining mass instead of renormalising.
+        reduction: ``sequence_mean`` (paper) or ``token_mean``.
+        temperature: loss temperature dividing every view's logits (sampling has its own knob).
+    """
+
+    top_k: int = 128
+    topk_support: str = "student"
+    topk_tail: bool = False
+    reduction: str = "sequence_mean"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        require_int("top_k", self.top_k, low=1)
+        require_choice("topk_support", self.topk_support, SUPPORT_SOURCES)
+        require_choice("topk_tail", self.topk_tail, (True, False))
+        require_choice("reduction", self.reduction, REDUCTIONS)
+        require_range("temperature", self.temperature, low=0.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One divergence between the student and a target on the rows of a group.
+
+    Attributes:
+        target: ``teacher``, ``priv_student`` or ``extrapolated`` (objective-defined).
+        divergence: ``forward_kl``, ``reverse_kl``, ``js`` or ``gjsd`` (with ``jsd_beta``).
+        granularity: ``sampled`` (policy-gradient surrogate), ``topk`` or ``full``.
+        weight: multiplies the term.
+    """
+
+    target: str
+    divergence: str
+    granularity: str
+    weight: float = 1.0
+    jsd_beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        require_choice("target", self.target, TARGETS)
+        require_choice("divergence", self.divergence, DIVERGENCES)
+        require_choice("granularity", self.granularity, GRANULARITIES)
+        require_range("jsd_beta", self.jsd_beta, low=0.0, high=1.0)
+
+
+@dataclass
+class ObjectiveOutput:
+    """What ``objective_loss`` returns.
+
+    Attributes:
+        loss: 0-d float, differentiable w.r.t. the student logits only.
+        per_token_loss: ``[B, T]`` float, weighted per-token contribution (0 at padding), detached.
+        groups: ``[B, T]`` long, the group index of each token (``-1`` at padding).
+        thresholds: the objective's step-level thresholds (``None`` if it has none).
+        statistics: name -> ``[B, T]`` float per-token statistics (0 at padding).
+        metrics: name -> Python float (group fractions and mean losses, thresholds, ...).
+    """
+
+    loss: Tensor
+    per_token_loss: Tensor
+    groups: Tensor
+    thresholds: Any
+    statistics: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class: one group, no statistics. Subclasses override what they route on.
+
+    Class attributes say which views the trainer must produce: ``uses_teacher``,
+    ``uses_priv_student``, ``uses_reference``, and the teacher's default input
+    (``default_teacher_view``: ``"privileged"`` or ``"plain"``).
+    """
+
+    group_names: tuple[str, ...] = ("all",)
+    uses_teacher = True
+    uses_priv_student = False
+    uses_reference = False
+    default_teacher_view = "privileged"
+
+    def __init__(self, config: ObjectiveOptions):
+        self.config = config
+
+    def routes(self) -> tuple[tuple[Term, ...], ...]:
+        """Per group, the terms its tokens get (an empty tuple: the group contributes 0)."""
+        raise NotImplementedError
+
+    def statistics(self, views: TokenViews) -> dict[str, Tensor]:
+        """Per-token ``[N]`` statistics that thresholds are computed from (detached)."""
+        return {}
+
+    def thresholds(self, statistics: dict[str, Tensor]) -> Any:
+        """Step-level thresholds from statistics merged over a whole optimizer step."""
+        return None
+
+    def assign(self, views: TokenViews, statistics: dict[str, Tensor], thresholds: Any) -> Tensor:
+        """``[N]`` long group index of every valid token."""
+        return torch.zeros(views.num_tokens, dtype=torch.long, device=views.token_ids.device)
+
+    def target_logits(self, target: str, views: TokenViews, rows: Tensor) -> Tensor:
+        """``[M, V]`` logits of ``target`` at ``rows`` ``[M]``."""
+        return views.logits[target][rows]
+
+    def metrics(self, statistics: dict[str, Tensor], thresholds: Any) -> dict[str, Tensor]:
+        """Extra 0-d tensors to report (converted to floats with the rest)."""
+        return {}
+
+
+def term_values(objective: Objective, term: Term, views: TokenViews, rows: Tensor) -> Tensor:
+    """``[M]`` unweighted values of ``term`` at ``rows`` ``[M]``."""
+    student = views.logits["student"][rows]  # [M, V]
+    target = objective.target_logits(term.target, views, rows)  # [M, V]
+    beta = divergence_beta(term.divergence, term.jsd_beta)
+    if term.granularity == "sampled":
+        ids = views.token_ids[rows].unsqueeze(-1)
+        student_logp_y = student.log_softmax(-1).gather(-1, ids).squeeze(-1)
+        target_logp_y = target.log_softmax(-1).gather(-1, ids).squeeze(-1)
+        return sampled_token_surrogate(student_logp_y, target_logp_y, beta)
+    if term.granularity == "full":
+        return generalized_jsd(student.log_softmax(-1), target.log_softmax(-1), beta)
+    options = objective.config
+    index, valid = topk_support(student, target, options.top_k, options.topk_support)
+    student_logp = restrict_to_support(student, index, valid, options.topk_tail)
+    target_logp = restrict_to_support(target, index, valid, options.topk_tail)
+    return generalized_jsd(student_logp, target_logp, beta)
+
+
+def _check_inputs(logits: dict[str, Tensor | None], completion_ids: Tensor, completion_mask: Tensor) -> None:
+    if completion_ids.dim() != 2 or completion_mask.shape != completion_ids.shape:
+        raise ValueError(
+            f"completion_ids and completion_mask must both be [B, T]; got {tuple(completion_ids.shape)} "
+            f"and {tuple(completion_mask.shape)}"
+        )
+    vocab = logits["student"].shape[-1]
+    for name, value in logits.items():
+        if value is None:
+            continue
+        if value.dim() != 3 or value.shape[:2] != completion_ids.shape:
+            raise ValueError(f"{name}_logits must be [B, T, V] with [B, T] = {tuple(completion_ids.shape)}; got {tuple(value.shape)}")
+        if value.shape[-1] != vocab:
+            raise ValueError(
+                f"vocabulary size mismatch: student_logits has V={vocab} but {name}_logits has "
+                f"V={value.shape[-1]}; slice or pad both models' logits to one shared vocabulary"
+            )
+
+
+def _metrics(objective: Objective, groups: Tensor, per_token: Tensor, statistics: dict, thresholds: Any) -> dict[str, float]:
+    names, values = [], []
+    count = max(groups.numel(), 1)
+    for index, group in enumerate(objective.group_names):
+        members = groups == index
+        names += [f"fraction/{group}", f"loss/{group}"]
+        values += [members.sum() / count, (per_token * members).sum() / members.sum().clamp_min(1)]
+    for name, value in objective.metrics(statistics, thresholds).items():
+        names.append(name)
+        values.append(torch.as_tensor(value, dtype=per_token.dtype, device=per_token.device))
+    # One device sync for all metrics.
+    return dict(zip(names, torch.stack([v.to(per_token.dtype) for v in values]).tolist()))
+
+
+def objective_loss(
+    objective: Objective,
+    student_logits: Tensor,
+    priv_student_logits: Tensor | None,
+    teacher_logits: Tensor | None,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    reference_logits: Tensor | None = None,
+    thresholds: Any = None,
+    denominator: Tensor | float | None = None,
+) -> ObjectiveOutput:
+    """Loss of ``objective`` on one batch of rollouts.
+
+    Args:
+        objective: the routing rule and its options.
+        student_logits: ``[B, T, V]`` any float dtype; position t scores ``completion_ids[:, t]``.
+        priv_student_logits: ``[B, T, V]`` or None when the objective does not use it.
+        teacher_logits: ``[B, T, V]`` or None when the objective does not use it.
+        completion_ids: ``[B, T]`` long.
+        completion_mask: ``[B, T]`` bool or 0/1.
+        reference_logits: ``[B, T, V]``, only for objectives that use a reference model.
+        thresholds: step-level thresholds; None computes them from this batch.
+        denominator: step-level reduction denominator; None uses this batch's.
+
+    Returns:
+        ``ObjectiveOutput``; gradient reaches ``student_logits`` only.
+    """
+    logits = {
+        "student": student_logits,
+        "priv_student": priv_student_logits,
+        "teacher": teacher_logits,
+        "reference": reference_logits,
+    }
+    needed = {
+        "priv_student": objective.uses_priv_student,
+        "teacher": objective.uses_teacher,
+        "reference": objective.uses_reference,
+    }
+    for name, used in needed.items():
+        if used and logits[name] is None:
+            raise ValueError(f"objective {type(objective).__name__} needs {name}_logits; got None")
+    _check_inputs(logits, completion_ids, completion_mask)
+    mask = completion_mask.bool()
+    views = TokenViews.from_batch(logits, completion_ids, mask, objective.config.temperature)
+    statistics = objective.statistics(views)
+    if thresholds is None:
+        thresholds = objective.thresholds(statistics)
+    groups = objective.assign(views, statistics, thresholds)  # [N]
+
+    # The empty slice keeps the loss attached to the student's graph (with a zero gradient)
+    # when no token contributes, e.g. a fully masked batch.
+    per_token = views.logits["student"][:, :0].sum(-1)  # [N]
+    for index, terms in enumerate(objective.routes()):
+        if not terms:
+            continue
+        rows = (groups == index).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            continue
+        for term in terms:
+            per_token = per_token.index_add(0, rows, term.weight * term_values(objective, term, views, rows))
+
+    per_token_full = torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device)
+    per_token_full = per_token_full.masked_scatter(mask, per_token)  # [B, T]
+    loss = reduce_loss(per_token_full, mask, objective.config.reduction, denominator)
+    groups_full = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device).masked_scatter(mask, groups)
+    statistics_full = {
+        name: torch.zeros(mask.shape, dtype=value.dtype, device=value.device).masked_scatter(mask, value)
+        for name, value in statistics.items()
+    }
+    metrics = _metrics(objective, groups, per_token.detach(), statistics, thresholds)
+    return ObjectiveOutput(loss, per_token_full.detach(), groups_full, thresholds, statistics_full, metrics)
+
+
+def check_subset(key: str, values: tuple, allowed: tuple) -> tuple:
+    """Validate a tuple config value whose items must come from ``allowed`` (no duplicates)."""
+    values = tuple(values)
+    unknown = [v for v in values if v not in allowed]
+    if unknown or len(set(values)) != len(values):
+        raise ConfigError(f"{key}={values!r} must be distinct items of {allowed!r}; remove {unknown or 'duplicates'}")
+    return values

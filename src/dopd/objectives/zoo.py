@@ -1,0 +1,196 @@
+"""The baseline objectives (METHOD.md section 7), each a small routing rule over shared kernels.
+
+* ``Uniform`` — every token gets one term: vanilla OPD, Priv.T->S, GKD, OPCD, self-distillation
+  (OPSD / SDPO-style) and the divergence x granularity grid are presets of it (``registry``).
+* ``EOPD`` — reverse KL everywhere, plus forward KL where the teacher's entropy is high.
+* ``TIP`` — train only on the token quadrants (student entropy x divergence) that are kept.
+* ``ExOPD`` — reverse KL to the extrapolated target ``pi_T^lambda * pi_ref^(1 - lambda)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dopd.errors import require_choice, require_range
+from dopd.objectives.base import GRANULARITIES, Objective, ObjectiveOptions, Term, check_subset
+from dopd.objectives.divergences import DIVERGENCES, LOG_FLOOR
+from dopd.objectives.views import TokenViews
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniformConfig(ObjectiveOptions):
+    """One term for every token.
+
+    Attributes:
+        target: ``teacher`` or ``priv_student`` (stop-gradient self-distillation).
+        divergence: ``forward_kl``, ``reverse_kl``, ``js`` or ``gjsd``.
+        granularity: ``sampled``, ``topk`` or ``full``.
+        jsd_beta: the beta of ``gjsd`` (GKD's JSD_beta; 0 forward KL, 1 reverse KL).
+    """
+
+    target: str = "teacher"
+    divergence: str = "reverse_kl"
+    granularity: str = "topk"
+    jsd_beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice("target", self.target, ("teacher", "priv_student"))
+        require_choice("divergence", self.divergence, DIVERGENCES)
+        require_choice("granularity", self.granularity, GRANULARITIES)
+        require_range("jsd_beta", self.jsd_beta, low=0.0, high=1.0)
+
+
+class Uniform(Objective):
+    """Every valid token gets ``Term(target, divergence, granularity)``."""
+
+    def __init__(self, config: UniformConfig):
+        super().__init__(config)
+        self.uses_teacher = config.target == "teacher"
+        self.uses_priv_student = config.target == "priv_student"
+
+    def routes(self) -> tuple[tuple[Term, ...], ...]:
+        c = self.config
+        return ((Term(c.target, c.divergence, c.granularity, 1.0, c.jsd_beta),),)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EOPDConfig(ObjectiveOptions):
+    """Entropy-aware OPD (Jin et al., arXiv 2603.07079).
+
+    Attributes:
+        entropy_threshold: teacher entropy (nats) above which forward KL is added.
+        forward_weight: weight of the forward-KL term.
+        top_k, topk_support: the forward KL's support (the teacher's top-16 by default).
+    """
+
+    top_k: int = 16
+    topk_support: str = "teacher"
+    entropy_threshold: float = 0.8
+    forward_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_range("entropy_threshold", self.entropy_threshold, low=0.0)
+        require_range("forward_weight", self.forward_weight, low=0.0)
+
+
+class EOPD(Objective):
+    """Sampled-token reverse KL on every token; plus top-K forward KL where H(teacher) > tau."""
+
+    group_names = ("low_entropy", "high_entropy")
+    default_teacher_view = "plain"
+
+    def routes(self) -> tuple[tuple[Term, ...], ...]:
+        reverse = Term("teacher", "reverse_kl", "sampled", 1.0)
+        forward = Term("teacher", "forward_kl", "topk", self.config.forward_weight)
+        return ((reverse,), (reverse, forward))
+
+    def statistics(self, views: TokenViews) -> dict[str, Tensor]:
+        return {"teacher_entropy": views.entropy("teacher")}
+
+    def assign(self, views: TokenViews, statistics: dict[str, Tensor], thresholds: None) -> Tensor:
+        return (statistics["teacher_entropy"] > self.config.entropy_threshold).long()
+
+
+TIP_QUADRANTS = (
+    "low_entropy_low_gap",
+    "low_entropy_high_gap",
+    "high_entropy_low_gap",
+    "high_entropy_high_gap",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TIPConfig(ObjectiveOptions):
+    """Token-importance selection (Xu et al., "TIP", arXiv 2604.14084), as read by dopd.
+
+    Tokens are split on two axes at the step's ``split_quantile``: the student's entropy and the
+    sampled-token gap ``|log S(y) - log T(y)|``. Only quadrants in ``keep`` are trained; the rest
+    contribute 0 and still count in the denominator.
+    """
+
+    split_quantile: float = 0.5
+    keep: tuple[str, ...] = ("low_entropy_high_gap", "high_entropy_low_gap", "high_entropy_high_gap")
+    divergence: str = "reverse_kl"
+    granularity: str = "sampled"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_range("split_quantile", self.split_quantile, low=0.0, high=1.0)
+        object.__setattr__(self, "keep", check_subset("keep", self.keep, TIP_QUADRANTS))
+        require_choice("divergence", self.divergence, DIVERGENCES)
+        require_choice("granularity", self.granularity, GRANULARITIES)
+
+
+def _quantile(values: Tensor, q: float) -> Tensor:
+    return torch.quantile(values, q) if values.numel() else values.new_zeros(())
+
+
+class TIP(Objective):
+    """Train on the kept (student entropy x gap) quadrants only."""
+
+    group_names = TIP_QUADRANTS
+    default_teacher_view = "plain"
+
+    def routes(self) -> tuple[tuple[Term, ...], ...]:
+        c = self.config
+        term = Term("teacher", c.divergence, c.granularity, 1.0)
+        return tuple((term,) if quadrant in c.keep else () for quadrant in TIP_QUADRANTS)
+
+    def statistics(self, views: TokenViews) -> dict[str, Tensor]:
+        gap = views.sampled_logp("student").detach().clamp_min(LOG_FLOOR) - views.sampled_logp("teacher").clamp_min(LOG_FLOOR)
+        return {"student_entropy": views.entropy("student"), "gap": gap.abs()}
+
+    def thresholds(self, statistics: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: _quantile(values, self.config.split_quantile) for name, values in statistics.items()}
+
+    def assign(self, views: TokenViews, statistics: dict[str, Tensor], thresholds: dict[str, Tensor]) -> Tensor:
+        high_entropy = statistics["student_entropy"] >= thresholds["student_entropy"]
+        high_gap = statistics["gap"] >= thresholds["gap"]
+        return 2 * high_entropy.long() + high_gap.long()
+
+    def metrics(self, statistics: dict[str, Tensor], thresholds: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {f"threshold/{name}": value for name, value in thresholds.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExOPDConfig(ObjectiveOptions):
+    """Reward-extrapolated OPD (Yang et al., "Learning beyond Teacher", arXiv 2602.12125).
+
+    Maximising ``E[lambda * log(pi_T / pi_ref)] - KL(pi_theta || pi_ref)`` is minimising
+    ``KL(pi_theta || Q)`` with ``log Q = lambda log pi_T + (1 - lambda) log pi_ref + const``.
+
+    Attributes:
+        extrapolation: lambda; 1 is plain OPD, > 1 extrapolates past the teacher.
+        granularity: ``sampled`` (policy-gradient surrogate, default), ``topk`` or ``full``.
+    """
+
+    extrapolation: float = 1.25
+    granularity: str = "sampled"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_range("extrapolation", self.extrapolation, low=0.0)
+        require_choice("granularity", self.granularity, GRANULARITIES)
+
+
+class ExOPD(Objective):
+    """Reverse KL to the extrapolated teacher/reference target."""
+
+    uses_reference = True
+    default_teacher_view = "plain"
+
+    def routes(self) -> tuple[tuple[Term, ...], ...]:
+        return ((Term("extrapolated", "reverse_kl", self.config.granularity, 1.0),),)
+
+    def target_logits(self, target: str, views: TokenViews, rows: Tensor) -> Tensor:
+        if target != "extrapolated":
+            return super().target_logits(target, views, rows)
+        lam = self.config.extrapolation
+        teacher_logp = views.logits["teacher"][rows].log_softmax(-1).clamp_min(LOG_FLOOR)
+        reference_logp = views.logits["reference"][rows].log_softmax(-1).clamp_min(LOG_FLOOR)
+        return lam * teacher_logp + (1.0 - lam) * reference_logp  # [M, V], unnormalised
