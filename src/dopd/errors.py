@@ -17,6 +17,10 @@ class ConfigError(DOPDError, ValueError):
     """A configuration value is missing, of the wrong type, or out of range."""
 
 
+class DataError(DOPDError, ValueError):
+    """A dataset file or row is missing, unreadable, or lacks a required field."""
+
+
 def require_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     """Raise ``ConfigError`` unless ``value`` is one of ``choices``."""
     choices = tuple(choices)
@@ -52,3 +56,9 @@ def require_int(key: str, value: Any, *, low: int) -> None:
         raise ConfigError(f"{key}={value!r} must be an integer")
     if value < low:
         raise ConfigError(f"{key}={value!r} is out of range; it must be an integer >= {low}")
+
+
+def require_str(key: str, value: Any) -> None:
+    """Raise ``ConfigError`` unless ``value`` is a non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}={value!r} must be a non-empty string")

@@ -101,15 +101,15 @@ class Objective:
     """Base class: one group, no statistics. Subclasses override what they route on.
 
     Class attributes say which views the trainer must produce: ``uses_teacher``,
-    ``uses_priv_student``, ``uses_reference``, and the teacher's default input
-    (``default_teacher_view``: ``"privileged"`` or ``"plain"``).
+    ``uses_priv_student``, ``uses_reference``, and the views ``statistics`` reads
+    (``statistics_views``), so that a trainer can fix step thresholds before any loss.
     """
 
     group_names: tuple[str, ...] = ("all",)
+    statistics_views: tuple[str, ...] = ()
     uses_teacher = True
     uses_priv_student = False
     uses_reference = False
-    default_teacher_view = "privileged"
 
     def __init__(self, config: ObjectiveOptions):
         self.config = config

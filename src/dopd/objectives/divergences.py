@@ -28,6 +28,9 @@ from torch import Tensor
 # contribute exactly 0 and never produce the NaN of 0 * inf in the forward or backward pass.
 LOG_FLOOR = -1.0e4
 
+# Cap of log(Q(y) / S(y)) in the forward-KL surrogate; on-policy samples never reach it.
+MAX_LOG_IMPORTANCE = 50.0
+
 DIVERGENCE_BETA = {"forward_kl": 0.0, "js": 0.5, "reverse_kl": 1.0}
 DIVERGENCES = (*DIVERGENCE_BETA, "gjsd")
 
@@ -85,7 +88,9 @@ def sampled_token_surrogate(student_logp_y: Tensor, target_logp_y: Tensor, beta:
     """
     s, q = _floor(student_logp_y.detach()), _floor(target_logp_y.detach())
     if beta == 0.0:
-        coefficient = -(q - s).exp()
+        # The importance weight is capped at e^50 so that a token the student almost never
+        # samples (rollout and loss disagreeing on temperature or masking) cannot overflow.
+        coefficient = -(q - s).clamp_max(MAX_LOG_IMPORTANCE).exp()
     elif beta == 1.0:
         coefficient = s - q
     else:

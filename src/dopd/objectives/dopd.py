@@ -58,6 +58,8 @@ class DOPDConfig(ObjectiveOptions):
         if isinstance(self.regimes, str):
             raise ConfigError(f"regimes={self.regimes!r} must be a list of regime names such as ['LH', 'HT']")
         object.__setattr__(self, "regimes", check_subset("regimes", self.regimes, REGIMES))
+        if not self.regimes:
+            raise ConfigError("regimes=() enables no regime, so the loss would always be 0; list at least one of LH, LL, HT, HS")
         if self.fixed_divergence is not None:
             require_choice("fixed_divergence", self.fixed_divergence, DIVERGENCE_BETA)
         if self.fixed_granularity is not None:
@@ -68,6 +70,7 @@ class DOPD(Objective):
     """The DOPD router over the student, privileged-student and privileged-teacher views."""
 
     group_names = REGIMES
+    statistics_views = ("priv_student", "teacher")
     uses_priv_student = True
 
     def __init__(self, config: DOPDConfig):

@@ -33,7 +33,7 @@ def reduce_loss(per_token: Tensor, mask: Tensor, reduction: str, denominator: Te
     """Sum of contributions divided by ``denominator`` (default: this batch's own).
 
     Args:
-        per_token: ``[B, T]`` float, zero at invalid positions.
+        per_token: ``[B, T]`` float per-token losses (invalid positions are ignored).
         mask: ``[B, T]`` bool.
         reduction: ``"sequence_mean"`` or ``"token_mean"``.
         denominator: the step-level count from ``loss_denominator`` summed over micro-batches and
@@ -42,6 +42,7 @@ def reduce_loss(per_token: Tensor, mask: Tensor, reduction: str, denominator: Te
     Returns:
         0-d float tensor.
     """
+    per_token = per_token * mask  # padding never contributes, whatever the caller left there
     if reduction == "token_mean":
         total = per_token.sum()
     else:

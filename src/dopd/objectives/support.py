@@ -55,10 +55,16 @@ def restrict_to_support(logits: Tensor, index: Tensor, valid: Tensor, tail: bool
     Returns:
         ``[M, K']`` (or ``[M, K' + 1]`` with ``tail``) float log-probabilities summing to 1.
     """
+    # A support where every gathered entry is -inf (the other view's top-K lies in this view's
+    # masked vocabulary) would make log_softmax / logsumexp return NaN values and gradients. The
+    # dtype's lowest finite value stands in for -inf: beside any finite entry its exp is still
+    # exactly 0 and the clamp passes it no gradient; an all-masked support becomes uniform
+    # (renormalised) or puts all its mass in the tail entry.
+    lowest = torch.finfo(logits.dtype).min
     if not tail:
-        gathered = logits.gather(-1, index).masked_fill(~valid, float("-inf"))
+        gathered = logits.gather(-1, index).clamp_min(lowest).masked_fill(~valid, float("-inf"))
         return gathered.log_softmax(-1)
-    logp = logits.log_softmax(-1).gather(-1, index).masked_fill(~valid, float("-inf"))
+    logp = logits.log_softmax(-1).gather(-1, index).clamp_min(lowest).masked_fill(~valid, float("-inf"))
     covered = logp.logsumexp(-1, keepdim=True)
     # log(1 - exp(covered)) via expm1 for precision near 1; the clamp keeps the log finite (and
     # its gradient zero) when the support already holds all the mass.

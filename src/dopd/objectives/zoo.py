@@ -82,7 +82,7 @@ class EOPD(Objective):
     """Sampled-token reverse KL on every token; plus top-K forward KL where H(teacher) > tau."""
 
     group_names = ("low_entropy", "high_entropy")
-    default_teacher_view = "plain"
+    statistics_views = ("teacher",)
 
     def routes(self) -> tuple[tuple[Term, ...], ...]:
         reverse = Term("teacher", "reverse_kl", "sampled", 1.0)
@@ -134,7 +134,7 @@ class TIP(Objective):
     """Train on the kept (student entropy x gap) quadrants only."""
 
     group_names = TIP_QUADRANTS
-    default_teacher_view = "plain"
+    statistics_views = ("student", "teacher")
 
     def routes(self) -> tuple[tuple[Term, ...], ...]:
         c = self.config
@@ -182,7 +182,6 @@ class ExOPD(Objective):
     """Reverse KL to the extrapolated teacher/reference target."""
 
     uses_reference = True
-    default_teacher_view = "plain"
 
     def routes(self) -> tuple[tuple[Term, ...], ...]:
         return ((Term("extrapolated", "reverse_kl", self.config.granularity, 1.0),),)

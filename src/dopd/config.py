@@ -1,0 +1,431 @@
+"""The trainer's configuration: one typed, frozen dataclass per component, read from YAML.
+
+``load_config("configs/tiny.yaml", ["objective.top_k=64", "output_dir=runs/x"])`` reads the file,
+applies ``--set``-style overrides (dotted keys, YAML values), checks every key and type, and
+returns a validated ``TrainConfig``. ``save_config`` writes a file that loads back to an equal
+config. Each field's help text lives in its ``metadata["help"]``; ``config_help()`` lists them.
+
+Loading touches neither the network nor any file but the config itself: model, data and tokenizer
+paths are only checked to be non-empty strings here, so configs for models this machine cannot
+hold still validate. Errors are ``ConfigError``s naming the dotted key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+from dopd.config_loading import (
+    apply_override,
+    config_to_dict,
+    convert,
+    dump_yaml,
+    from_dict,
+    join_key,
+    quote,
+    read_yaml,
+)
+from dopd.data import DEFAULT_PRIVILEGED_TEMPLATE, check_privileged_template
+from dopd.errors import ConfigError, require_choice, require_int, require_range, require_str
+from dopd.objectives.base import Objective
+from dopd.objectives.registry import ObjectiveSpec, get_spec
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "LoopConfig",
+    "ModelSpec",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "RolloutConfig",
+    "TokenizerSpec",
+    "TrainConfig",
+    "ViewsConfig",
+    "config_help",
+    "config_to_dict",
+    "from_dict",
+    "load_config",
+    "save_config",
+]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+VIEWS = ("privileged", "plain")
+PRIV_STUDENT_WEIGHTS = ("live", "base", "ema")
+OVERLONG_PROMPTS = ("skip", "error")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+VERIFIERS = ("exact", "numeric")
+BOOLS = (True, False)
+
+
+def doc(text: str) -> dict[str, str]:
+    """Field metadata holding the field's help text (``config_help`` prints it)."""
+    return {"help": text}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Where a model comes from: a pretrained ``path``, or a random-init ``tiny`` Qwen3."""
+
+    path: str | None = field(
+        default=None, metadata=doc("hub id or local directory of a pretrained model")
+    )
+    tiny: dict[str, Any] | None = field(
+        default=None,
+        metadata=doc(
+            "Qwen3Config keyword overrides for a random-init tiny model, e.g. {hidden_size: 64}"
+        ),
+    )
+    dtype: str = field(
+        default="auto", metadata=doc(f"weight dtype when loading: {', '.join(DTYPES)}")
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=doc("let transformers run the model repository's code")
+    )
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.tiny is None):
+            raise ConfigError(
+                f"path={quote(self.path)} and tiny={quote(self.tiny)}: set exactly one of them "
+                "(path: a hub id or local directory; tiny: Qwen3Config overrides for a random "
+                "initialisation)"
+            )
+        if self.path is not None:
+            require_str("path", self.path)
+        require_choice("dtype", self.dtype, DTYPES)
+        require_choice("trust_remote_code", self.trust_remote_code, BOOLS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerSpec:
+    """The tokenizer shared by every view: ``path``, ``characters``, or else the student's path."""
+
+    path: str | None = field(
+        default=None,
+        metadata=doc("hub id or directory of the tokenizer (null: the student's path)"),
+    )
+    characters: str | None = field(
+        default=None,
+        metadata=doc("build a character tokenizer over these characters (for tiny models)"),
+    )
+    chat_template_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=doc("extra kwargs of apply_chat_template, the same for every view"),
+    )
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.characters is not None:
+            raise ConfigError(
+                f"path={self.path!r} and characters={quote(self.characters)}: set at most one "
+                "(characters builds a tokenizer, path loads one)"
+            )
+        if self.path is not None:
+            require_str("path", self.path)
+        if self.characters is not None:
+            require_str("characters", self.characters)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Training and evaluation data (rows with prompt, privileged_context and optional answer)."""
+
+    train: str = field(
+        metadata=doc("training examples: .jsonl/.json/.parquet file or a datasets name")
+    )
+    eval: str | None = field(
+        default=None, metadata=doc("held-out examples for periodic evaluation (null: none)")
+    )
+    privileged_template: str = field(
+        default=DEFAULT_PRIVILEGED_TEMPLATE,
+        metadata=doc(
+            "builds the privileged prompt; must use exactly {prompt} and {privileged_context}"
+        ),
+    )
+    max_prompt_length: int = field(default=512, metadata=doc("longest prompt in tokens"))
+    overlong_prompts: str = field(
+        default="skip", metadata=doc("what to do with a longer prompt: skip or error")
+    )
+
+    def __post_init__(self) -> None:
+        require_str("train", self.train)
+        if self.eval is not None:
+            require_str("eval", self.eval)
+        check_privileged_template(self.privileged_template)
+        require_int("max_prompt_length", self.max_prompt_length, low=1)
+        require_choice("overlong_prompts", self.overlong_prompts, OVERLONG_PROMPTS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveConfig:
+    """An objective of the registry by ``name``; in YAML its options sit next to the name.
+
+    ``objective: {name: dopd, top_k: 64}`` gives ``name="dopd", options={"top_k": 64}``; only the
+    options that were set are kept, the registry entry supplies the rest.
+    """
+
+    name: str = field(
+        default="dopd", metadata=doc("registry name of the objective (dopd.objectives.registry)")
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={**doc("every other key: an option of that objective, e.g. top_k"), "rest": True},
+    )
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(self.spec.config_class)
+        # The same type rules as every other key: YAML lists become the tuples options expect.
+        options = {
+            key: convert(hints[key], value, key) if key in hints else value
+            for key, value in self.options.items()
+        }
+        object.__setattr__(self, "options", options)
+        self.build()  # the objective's own validation, now rather than at the first step
+
+    @property
+    def spec(self) -> ObjectiveSpec:
+        return get_spec(self.name)
+
+    def build(self) -> Objective:
+        """A fresh objective with these options."""
+        return self.spec.build(**self.options)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewsConfig:
+    """Which input each model view sees, and which weights score the privileged student."""
+
+    teacher: str | None = field(
+        default=None, metadata=doc("teacher input: privileged or plain (null: the objective's)")
+    )
+    priv_student: str | None = field(
+        default=None,
+        metadata=doc("privileged-student input: privileged or plain (null: the objective's)"),
+    )
+    priv_student_weights: str = field(
+        default="live",
+        metadata=doc("weights of the privileged student: live (current), base (initial) or ema"),
+    )
+    ema_decay: float = field(
+        default=0.99, metadata=doc("EMA decay per optimizer step when priv_student_weights=ema")
+    )
+    student_input: str = field(
+        default="plain",
+        metadata=doc(
+            "the student's training input: plain, or privileged (Priv.T->Priv.S diagnostic)"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.teacher is not None:
+            require_choice("teacher", self.teacher, VIEWS)
+        if self.priv_student is not None:
+            require_choice("priv_student", self.priv_student, VIEWS)
+        require_choice("priv_student_weights", self.priv_student_weights, PRIV_STUDENT_WEIGHTS)
+        require_range("ema_decay", self.ema_decay, low=0.0, high=1.0, low_open=True, high_open=True)
+        require_choice("student_input", self.student_input, ("plain", "privileged"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """On-policy sampling from the student (recorded in the run's config.yaml)."""
+
+    prompts_per_step: int = field(
+        default=8, metadata=doc("prompts per optimizer step, over all processes together")
+    )
+    num_generations: int = field(default=4, metadata=doc("completions sampled per prompt"))
+    max_completion_length: int = field(default=64, metadata=doc("most new tokens per completion"))
+    temperature: float = field(
+        default=1.0,
+        metadata=doc("sampling temperature (the loss has its own objective.temperature)"),
+    )
+    top_p: float = field(default=1.0, metadata=doc("nucleus sampling mass, in (0, 1]; 1 = off"))
+    top_k: int = field(default=0, metadata=doc("sample among the k likeliest tokens; 0 = off"))
+
+    def __post_init__(self) -> None:
+        require_int("prompts_per_step", self.prompts_per_step, low=1)
+        require_int("num_generations", self.num_generations, low=1)
+        require_int("max_completion_length", self.max_completion_length, low=1)
+        require_range("temperature", self.temperature, low=0.0, low_open=True)
+        require_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        require_int("top_k", self.top_k, low=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, and gradient clipping."""
+
+    lr: float = field(default=5e-6, metadata=doc("peak learning rate"))
+    weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay"))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=doc("AdamW betas"))
+    warmup_steps: int = field(
+        default=0, metadata=doc("optimizer steps of linear warmup before the cosine decay")
+    )
+    max_steps: int = field(default=200, metadata=doc("optimizer steps of the run"))
+    max_grad_norm: float = field(
+        default=1.0, metadata=doc("clip the gradient norm to this; 0 = off")
+    )
+    micro_batch_size: int = field(
+        default=8, metadata=doc("sequences per forward/backward pass (memory, not maths)")
+    )
+
+    def __post_init__(self) -> None:
+        require_range("lr", self.lr, low=0.0, low_open=True)
+        require_range("weight_decay", self.weight_decay, low=0.0)
+        for index, beta in enumerate(self.betas):
+            require_range(f"betas[{index}]", beta, low=0.0, high=1.0, high_open=True)
+        require_int("warmup_steps", self.warmup_steps, low=0)
+        require_int("max_steps", self.max_steps, low=1)
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}; "
+                "lower warmup_steps or raise max_steps"
+            )
+        require_range("max_grad_norm", self.max_grad_norm, low=0.0)
+        require_int("micro_batch_size", self.micro_batch_size, low=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """Precision, memory and the cadence of logging, checkpoints and evaluation."""
+
+    mixed_precision: str = field(
+        default="no", metadata=doc("accelerate mixed precision: no, bf16 or fp16")
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=doc("recompute student activations in backward")
+    )
+    log_every: int = field(default=1, metadata=doc("optimizer steps between progress-bar updates"))
+    save_every: int = field(
+        default=50, metadata=doc("optimizer steps between checkpoints; 0 = only the last")
+    )
+    eval_every: int = field(
+        default=0, metadata=doc("optimizer steps between evaluations on data.eval; 0 = off")
+    )
+
+    def __post_init__(self) -> None:
+        require_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        require_choice("gradient_checkpointing", self.gradient_checkpointing, BOOLS)
+        require_int("log_every", self.log_every, low=1)
+        require_int("save_every", self.save_every, low=0)
+        require_int("eval_every", self.eval_every, low=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Held-out accuracy, always without privileged context."""
+
+    max_examples: int = field(
+        default=64, metadata=doc("evaluate on at most this many examples of data.eval")
+    )
+    verifier: str = field(default="exact", metadata=doc("answer check: exact or numeric"))
+    max_new_tokens: int = field(default=64, metadata=doc("most new tokens per greedy answer"))
+
+    def __post_init__(self) -> None:
+        require_int("max_examples", self.max_examples, low=1)
+        require_choice("verifier", self.verifier, VERIFIERS)
+        require_int("max_new_tokens", self.max_new_tokens, low=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything ``dopd train`` needs; the sections are the dataclasses above."""
+
+    output_dir: str = field(
+        default="runs/dopd", metadata=doc("run directory: checkpoints, metrics.jsonl, config.yaml")
+    )
+    seed: int = field(default=0, metadata=doc("seed of sampling, initialisation and data order"))
+    student: ModelSpec = field(metadata=doc("the model being trained"))
+    teacher: ModelSpec = field(metadata=doc("the frozen teacher"))
+    reference: ModelSpec | None = field(
+        default=None, metadata=doc("ExOPD's reference model (null: the student's initial weights)")
+    )
+    tokenizer: TokenizerSpec = field(
+        default_factory=TokenizerSpec, metadata=doc("the shared tokenizer")
+    )
+    data: DataConfig = field(metadata=doc("datasets and prompt building"))
+    objective: ObjectiveConfig = field(
+        default_factory=ObjectiveConfig, metadata=doc("the distillation objective")
+    )
+    views: ViewsConfig = field(
+        default_factory=ViewsConfig, metadata=doc("inputs and weights of the views")
+    )
+    rollout: RolloutConfig = field(
+        default_factory=RolloutConfig, metadata=doc("on-policy sampling")
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata=doc("optimizer and schedule"))
+    loop: LoopConfig = field(default_factory=LoopConfig, metadata=doc("precision and cadence"))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc("periodic evaluation"))
+
+    def __post_init__(self) -> None:
+        require_str("output_dir", self.output_dir)
+        require_int("seed", self.seed, low=0)
+        if (
+            self.tokenizer.path is None
+            and self.tokenizer.characters is None
+            and self.student.path is None
+        ):
+            raise ConfigError(
+                "tokenizer.path=None with a tiny student (student.path=None): "
+                "set tokenizer.characters or tokenizer.path"
+            )
+        if self.reference is not None and not self.objective.spec.objective_class.uses_reference:
+            raise ConfigError(
+                f"reference is set but objective {self.objective.name!r} uses no reference model; "
+                "remove reference or choose an objective that uses one (exopd)"
+            )
+        if self.loop.eval_every > 0 and self.data.eval is None:
+            raise ConfigError(
+                f"loop.eval_every={self.loop.eval_every} needs held-out data; "
+                "set data.eval or loop.eval_every=0"
+            )
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """Where to load the tokenizer from (``None``: build it from ``tokenizer.characters``)."""
+        if self.tokenizer.characters is not None:
+            return None
+        return self.tokenizer.path or self.student.path
+
+    @property
+    def teacher_view(self) -> str:
+        """The teacher's input, ``views.teacher`` or the objective's default."""
+        return self.views.teacher or self.objective.spec.teacher_view
+
+    @property
+    def priv_student_view(self) -> str:
+        """The privileged student's input, ``views.priv_student`` or the objective's default."""
+        return self.views.priv_student or self.objective.spec.priv_student_view
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The validated config of YAML file ``path`` (``None``: empty) after ``key=value`` overrides.
+
+    Overrides apply in order; keys are dotted (``objective.top_k=64``), values are YAML
+    (``64``, ``[LH, HT]``, ``null``). Raises ``ConfigError`` naming the file, key or override.
+    """
+    data = read_yaml(Path(path)) if path is not None else {}
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(TrainConfig, data)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML that ``load_config`` reads back to an equal config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_yaml(config_to_dict(config)), encoding="utf-8")
+
+
+def config_help(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """One ``key: help (default ...)`` line per config field, sections expanded."""
+    lines = []
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        key = join_key(prefix, f.name if not f.metadata.get("rest") else "<option>")
+        default = "" if f.default is MISSING else f" (default {f.default!r})"
+        lines.append(f"{key}: {f.metadata['help']}{default}")
+        nested = [hint for hint in (hints[f.name], *get_args(hints[f.name])) if is_dataclass(hint)]
+        if nested:
+            lines.extend(config_help(nested[0], key))
+    return lines

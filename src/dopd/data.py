@@ -1,0 +1,304 @@
+"""Examples with privileged context: loading, privileged prompts, and prompt tokenization.
+
+A dataset row has ``prompt`` (a string or a chat message list), ``privileged_context`` (a string)
+and an optional ``answer``. The student sees ``prompt``; the privileged views see
+``privileged_template`` filled with both (for chat prompts, only the last user turn changes).
+Both prompts go through one tokenization function with the same chat-template kwargs, so the two
+views differ only where the privileged context is, never in template or special-token handling
+(METHOD.md section 9).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from dopd.errors import ConfigError, DataError
+
+Messages = list[dict[str, str]]
+Prompt = str | Messages
+
+DEFAULT_PRIVILEGED_TEMPLATE = "{prompt}\n\n{privileged_context}"
+TEMPLATE_FIELDS = ("prompt", "privileged_context")
+# apply_chat_template arguments tokenize_prompt sets itself; a config must not override them.
+RESERVED_CHAT_KWARGS = ("tokenize", "add_generation_prompt", "return_dict")
+ROW_FIX = 'each row needs "prompt" (string or chat message list) and "privileged_context" (string)'
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task input with its privileged context and, for evaluation, its reference answer."""
+
+    prompt: Prompt
+    privileged_context: str
+    answer: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_examples(source: str) -> list[Example]:
+    """Read examples from a .jsonl, .json (list of objects) or .parquet file, or a ``datasets``
+    dataset name or path (``"name"`` loads split ``train``, ``"name:split"`` another split).
+
+    Raises ``DataError`` naming the file and line (or row) of the first bad row.
+    """
+    suffix = Path(source).suffix.lower()
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+    rows = readers.get(suffix, _read_dataset)(source)
+    if not rows:
+        raise DataError(f"{source}: no examples found; fix: add at least one row ({ROW_FIX})")
+    return [example_from_row(row, where) for where, row in rows]
+
+
+def example_from_row(row: Any, where: str) -> Example:
+    """Validate one decoded row; ``where`` (e.g. ``"data.jsonl:7"``) prefixes every error."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}; fix: {ROW_FIX}")
+    for field in ("prompt", "privileged_context"):
+        if field not in row:
+            raise DataError(f"{where}: missing field {field!r}; fix: {ROW_FIX}")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        _require_text(prompt, "prompt", where)
+    else:
+        _check_messages(prompt, where)
+    _require_text(row["privileged_context"], "privileged_context", where)
+    answer = row.get("answer")
+    if answer is not None:
+        _require_text(answer, "answer", where)
+    return Example(prompt=prompt, privileged_context=row["privileged_context"], answer=answer)
+
+
+def _require_text(value: Any, field: str, where: str) -> None:
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: {field}={value!r} has type {type(value).__name__}; "
+            "fix: write it as a JSON string"
+        )
+    if not value.strip():
+        raise DataError(f"{where}: {field} is empty; fix: give it non-blank text or drop the row")
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    """A chat prompt is a non-empty list of {"role", "content"} strings with a user turn."""
+    fix = 'write the prompt as [{"role": "user", "content": "..."}, ...]'
+    if not isinstance(messages, list) or not messages:
+        raise DataError(
+            f"{where}: prompt={messages!r} is neither text nor a message list; fix: {fix}"
+        )
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not all(
+            isinstance(message.get(key), str) for key in ("role", "content")
+        ):
+            raise DataError(
+                f"{where}: prompt[{index}]={message!r} lacks string role/content; fix: {fix}"
+            )
+    user_turns = [message for message in messages if message["role"] == "user"]
+    if not user_turns:
+        raise DataError(
+            f"{where}: prompt has no user turn to hold the privileged context; fix: {fix}"
+        )
+    _require_text(user_turns[-1]["content"], "content of the last user turn", where)
+
+
+def _require_file(path: str) -> Path:
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{path}: no such file; fix: check the data path")
+    return file
+
+
+def _read_text(path: str) -> str:
+    raw = _require_file(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8; fix: re-encode the file as UTF-8"
+        ) from None
+
+
+def _read_jsonl(path: str) -> list[tuple[str, Any]]:
+    rows = []
+    # split("\n"), not splitlines(): JSON strings may legally hold U+2028 and similar breaks.
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}:{number}: invalid JSON ({error.msg}, column {error.colno}); "
+                "fix: write exactly one JSON object per line"
+            ) from None
+    return rows
+
+
+def _read_json(path: str) -> list[tuple[str, Any]]:
+    text = _read_text(path)
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}:{error.lineno}: invalid JSON ({error.msg}); fix: correct the syntax"
+        ) from None
+    if not isinstance(items, list):
+        raise DataError(
+            f"{path}: top level is a {type(items).__name__}; fix: make it a list of objects"
+        )
+    lines = _array_item_lines(text)
+    return [
+        (f"{path}:{line} (item {index})", item)
+        for index, (line, item) in enumerate(zip(lines, items))
+    ]
+
+
+def _array_item_lines(text: str) -> list[int]:
+    """The 1-based line on which each element of a valid top-level JSON array starts."""
+    decoder = json.JSONDecoder()
+    lines, position = [], text.index("[") + 1
+    while True:
+        while text[position] in " \t\r\n,":
+            position += 1
+        if text[position] == "]":
+            return lines
+        lines.append(text.count("\n", 0, position) + 1)
+        position = decoder.raw_decode(text, position)[1]
+
+
+def _read_parquet(path: str) -> list[tuple[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        records = pyarrow.parquet.read_table(_require_file(path)).to_pylist()
+    except (pyarrow.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error}); fix: rewrite it") from None
+    return [(f"{path}: row {index}", record) for index, record in enumerate(records)]
+
+
+def _read_dataset(source: str) -> list[tuple[str, Any]]:
+    """A Hugging Face ``datasets`` dataset: a hub name or a local dataset directory."""
+    import datasets
+
+    name, _, split = source.partition(":")
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except (OSError, ValueError) as error:  # unknown name or path (offline included), unknown split
+        raise DataError(
+            f"{source}: cannot load as a dataset ({type(error).__name__}: {error}); fix: give a "
+            ".jsonl/.json/.parquet file or a datasets name or path, optionally as name:split"
+        ) from None
+    return [(f"{source} row {index}", record) for index, record in enumerate(dataset)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Privileged prompts
+
+
+def check_privileged_template(template: str) -> None:
+    """Raise ``ConfigError`` unless ``template`` is a format string using exactly ``{prompt}``
+    and ``{privileged_context}``."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:
+        raise ConfigError(
+            f"privileged_template={template!r} is not a format string ({error}); "
+            "write literal braces as {{ and }}"
+        ) from None
+    if names != set(TEMPLATE_FIELDS):
+        raise ConfigError(
+            f"privileged_template={template!r} uses fields {sorted(names)}; "
+            "it must use exactly {prompt} and {privileged_context}"
+        )
+
+
+def privileged_prompt(example: Example, template: str = DEFAULT_PRIVILEGED_TEMPLATE) -> Prompt:
+    """The prompt the privileged views see: ``template`` filled with the prompt and context.
+
+    For a chat prompt, a copy of the messages in which only the content of the last user turn is
+    replaced by the filled template; ``example`` is never modified.
+    """
+    check_privileged_template(template)
+    context = example.privileged_context
+    if isinstance(example.prompt, str):
+        return template.format(prompt=example.prompt, privileged_context=context)
+    messages = [dict(message) for message in example.prompt]
+    last_user = max(index for index, message in enumerate(messages) if message["role"] == "user")
+    content = messages[last_user]["content"]
+    messages[last_user]["content"] = template.format(prompt=content, privileged_context=context)
+    return messages
+
+
+def privileged_examples(examples: list[Example], template: str) -> list[Example]:
+    """``examples`` with each prompt replaced by its privileged version."""
+    return [replace(example, prompt=privileged_prompt(example, template)) for example in examples]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def tokenize_prompt(
+    prompt: Prompt, tokenizer: Any, chat_template_kwargs: dict | None = None
+) -> list[int]:
+    """Token ids of one prompt, ready for generation (a chat prompt ends with the assistant header).
+
+    A string prompt is encoded with ``add_special_tokens=True``; a chat prompt goes through
+    ``tokenizer.apply_chat_template(..., add_generation_prompt=True, **chat_template_kwargs)``.
+    Either way the result starts with at most one BOS.
+    """
+    kwargs = dict(chat_template_kwargs or {})
+    reserved = sorted(set(kwargs) & set(RESERVED_CHAT_KWARGS))
+    if reserved:
+        raise ConfigError(
+            f"chat_template_kwargs sets {reserved}; remove them, dopd sets them itself"
+        )
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    elif tokenizer.chat_template is None:
+        raise DataError(
+            "a prompt is a chat message list but the tokenizer has no chat_template; "
+            "fix: use a tokenizer with a chat template or write prompts as text"
+        )
+    else:
+        # return_dict=False: transformers 5 returns a BatchEncoding by default, 4.x a list.
+        ids = tokenizer.apply_chat_template(
+            prompt, tokenize=True, add_generation_prompt=True, return_dict=False, **kwargs
+        )
+    return _drop_repeated_bos(list(ids), tokenizer.bos_token_id)
+
+
+def _drop_repeated_bos(ids: list[int], bos_token_id: int | None) -> list[int]:
+    """Keep one leading BOS when both the text (or template) and the tokenizer supplied one."""
+    start = 0
+    while bos_token_id is not None and ids[start : start + 2] == [bos_token_id, bos_token_id]:
+        start += 1
+    return ids[start:]
+
+
+def tokenize_views(
+    examples: list[Example],
+    tokenizer: Any,
+    template: str = DEFAULT_PRIVILEGED_TEMPLATE,
+    chat_template_kwargs: dict | None = None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Plain and privileged prompt ids of every example, tokenized by the same function and kwargs.
+
+    Returns:
+        (plain_ids, privileged_ids): two lists of ``len(examples)`` unpadded id lists.
+    """
+    plain_ids = [
+        tokenize_prompt(example.prompt, tokenizer, chat_template_kwargs) for example in examples
+    ]
+    privileged_ids = [
+        tokenize_prompt(example.prompt, tokenizer, chat_template_kwargs)
+        for example in privileged_examples(examples, template)
+    ]
+    return plain_ids, privileged_ids

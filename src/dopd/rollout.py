@@ -1,0 +1,163 @@
+"""On-policy rollouts: sample completions from the current student with ``generate`` (KV cache).
+
+Sampling is a pure function of ``(seed, step, prompt id, generation index, position)``: a
+Gumbel-max sampler draws its uniforms from a counter-based hash instead of the global RNG. Every
+rollout is therefore the same however prompts are split across micro-batches, ranks or resumed
+runs, which is what makes a 2-process run equal a 1-process run and a resumed run equal an
+uninterrupted one. Gumbel-max over the warped logits is exact sampling from their softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from dopd.alignment import completion_mask_after_eos
+
+_MASK64 = (1 << 64) - 1
+
+
+def _to_signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _to_signed(0x9E3779B97F4A7C15)
+_MIX1 = _to_signed(0xBF58476D1CE4E5B9)
+_MIX2 = _to_signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    # Logical shift on int64: torch shifts arithmetically, so clear the copied sign bits.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix(x: Tensor) -> Tensor:
+    """splitmix64 finaliser on int64 (wrapping arithmetic)."""
+    x = x * _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def hash_uniform(keys: Tensor) -> Tensor:
+    """Float64 uniforms in (0, 1), one per int64 key, same shape; a pure function of the key."""
+    return (_shift_right(_splitmix(keys), 11).to(torch.float64) + 0.5) / float(1 << 53)
+
+
+def rollout_seeds(seed: int, step: int, prompt_ids: Tensor, num_generations: int) -> Tensor:
+    """``[P * G]`` int64 seed per rollout row, rows ordered prompt-major like ``generate``.
+
+    Args:
+        prompt_ids: ``[P]`` long, dataset indices of the prompts (global, rank-independent).
+    """
+    generation = torch.arange(num_generations, dtype=torch.long)
+    rows = prompt_ids.long().unsqueeze(-1) * 1_000_003 + generation  # [P, G]
+    return _splitmix(_splitmix(rows.flatten() + step * 2_147_483_647) + seed)
+
+
+class HashGumbelSampler(LogitsProcessor):
+    """Adds hash-derived Gumbel noise so that greedy decoding samples from the warped logits.
+
+    Args:
+        row_seeds: ``[B]`` int64, one per rollout row.
+        prompt_length: padded prompt length; the position key is the number of tokens generated
+            so far, which does not depend on how much padding the batch needed.
+    """
+
+    def __init__(self, row_seeds: Tensor, prompt_length: int):
+        self.row_seeds = row_seeds
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        position = input_ids.shape[1] - self.prompt_length
+        vocab = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.long)
+        row_keys = _splitmix(self.row_seeds.to(scores.device) + position).unsqueeze(-1)  # [B, 1]
+        uniforms = hash_uniform(row_keys ^ vocab)  # [B, V]
+        gumbel = -torch.log(-torch.log(uniforms))
+        return scores.log_softmax(-1) + gumbel.to(scores.dtype)
+
+
+@dataclass
+class Rollouts:
+    """Completions of one batch of prompts.
+
+    Attributes:
+        completion_ids: ``[B, T]`` long, right-padded with the pad id.
+        completion_mask: ``[B, T]`` bool, valid up to and including the first EOS.
+        prompt_index: ``[B]`` long, which prompt of the batch each row answers.
+        truncated: ``[B]`` bool, True where no EOS was produced within the length budget.
+    """
+
+    completion_ids: Tensor
+    completion_mask: Tensor
+    prompt_index: Tensor
+    truncated: Tensor
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``[B, L]`` input ids and attention mask of left-padded sequences."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, length - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_rollouts(
+    model,
+    prompt_ids: list[list[int]],
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    max_completion_length: int,
+    num_generations: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    row_seeds: Tensor | None = None,
+) -> Rollouts:
+    """Sample ``num_generations`` completions per prompt (greedy when ``row_seeds`` is None).
+
+    Args:
+        model: a Hugging Face causal LM (unwrapped).
+        prompt_ids: ``P`` token-id lists, not padded.
+        row_seeds: ``[P * num_generations]`` int64 from ``rollout_seeds``; None decodes greedily.
+
+    Returns:
+        ``Rollouts`` with ``B = P * num_generations`` rows, prompt-major.
+    """
+    device = next(model.parameters()).device
+    repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
+    input_ids, attention_mask = left_pad(repeated, pad_token_id, device)
+    processors = LogitsProcessorList()
+    if row_seeds is not None:
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k > 0:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(HashGumbelSampler(row_seeds, input_ids.shape[1]))
+    config = GenerationConfig(
+        max_new_tokens=max_completion_length,
+        do_sample=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    output = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors
+    )
+    completion_ids = output[:, input_ids.shape[1]:]  # [B, T]
+    mask = completion_mask_after_eos(completion_ids, eos_token_id)
+    truncated = ~torch.isin(completion_ids, torch.as_tensor(eos_token_id, device=completion_ids.device)).any(-1)
+    prompt_index = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_generations)
+    return Rollouts(completion_ids.masked_fill(~mask, pad_token_id), mask, prompt_index, truncated)

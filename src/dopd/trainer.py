@@ -1,0 +1,256 @@
+"""The on-policy distillation trainer: rollouts from the current student, three-view scoring,
+one exact optimizer step, metrics, evaluation and checkpoints, on accelerate.
+
+The same code runs on 1 CPU, 1 GPU and multi-GPU DDP / FSDP / DeepSpeed: launch it with
+``accelerate launch [--config_file ...] -m dopd.cli train --config ...``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from dopd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dopd.config import TrainConfig, save_config
+from dopd.data import load_examples, tokenize_views
+from dopd.distributed import sum_across
+from dopd.errors import ConfigError, DOPDError
+from dopd.evaluation import evaluate, load_verifier
+from dopd.models import check_vocabularies, load_model, load_tokenizer
+from dopd.rollout import generate_rollouts, rollout_seeds
+from dopd.step import make_micro_batches, run_step
+
+
+class PromptSampler:
+    """Which dataset prompts step ``s`` trains on: a seeded permutation per epoch, walked in
+    order, so the schedule depends only on ``(seed, step)`` (resumable, rank-independent)."""
+
+    def __init__(self, num_prompts: int, prompts_per_step: int, seed: int):
+        self.num_prompts, self.prompts_per_step, self.seed = num_prompts, prompts_per_step, seed
+
+    def indices(self, step: int) -> torch.Tensor:
+        """``[prompts_per_step]`` long dataset indices of step ``step``."""
+        positions = step * self.prompts_per_step + torch.arange(self.prompts_per_step)
+        epochs, offsets = positions // self.num_prompts, positions % self.num_prompts
+        orders = {int(e): torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(self.seed * 7919 + int(e))) for e in epochs.unique()}
+        return torch.stack([orders[int(e)][o] for e, o in zip(epochs, offsets)])
+
+
+class EMA(torch.nn.Module):
+    """Exponential moving average of the student's weights, the ``ema`` privileged student."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__()
+        self.model, self.decay = copy.deepcopy(model).requires_grad_(False), decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for average, current in zip(self.model.parameters(), model.parameters()):
+            average.lerp_(current.detach().to(average.dtype), 1.0 - self.decay)
+
+
+class Trainer:
+    """Builds everything a run needs from a ``TrainConfig`` and trains it."""
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        # The schedule counts optimizer steps, not per-process batches: step it once per step.
+        self.accelerator = Accelerator(mixed_precision=config.loop.mixed_precision, step_scheduler_with_optimizer=False)
+        _prepare_output_dir(self.accelerator, self.output_dir, resume, overwrite)
+        set_seed(config.seed)
+        self.spec, self.objective = config.objective.spec, config.objective.build()
+        self.views = {
+            "student": config.views.student_input,
+            "priv_student": config.views.priv_student or self.spec.priv_student_view,
+            "teacher": config.views.teacher or self.spec.teacher_view,
+            "reference": "plain",
+        }
+        self.tokenizer = load_tokenizer(config.tokenizer, config.student)
+        self._load_data()
+        self._build_models()
+        self.step = 0
+        if resume and (checkpoint := latest_checkpoint(self.output_dir)) is not None:
+            self.step = load_checkpoint(self.accelerator, checkpoint)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+            _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+
+    # -- setup ------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        data = self.config.data
+        self.prompts = self._tokenized(load_examples(data.train))
+        if len(self.prompts["plain"]) == 0:
+            raise DOPDError(f"data.train={data.train!r}: every prompt is longer than data.max_prompt_length={data.max_prompt_length}")
+        self.eval_prompts = self._tokenized(load_examples(data.eval)) if data.eval else None
+        world, per_step = self.accelerator.num_processes, self.config.rollout.prompts_per_step
+        if per_step % world:
+            raise ConfigError(f"rollout.prompts_per_step={per_step} must be divisible by the number of processes ({world})")
+        self.sampler = PromptSampler(len(self.prompts["plain"]), per_step, self.config.seed)
+
+    def _tokenized(self, examples) -> dict[str, list]:
+        data, kwargs = self.config.data, self.config.tokenizer.chat_template_kwargs
+        plain, privileged = tokenize_views(examples, self.tokenizer, data.privileged_template, kwargs)
+        keep = [i for i in range(len(examples)) if max(len(plain[i]), len(privileged[i])) <= data.max_prompt_length]
+        skipped = len(examples) - len(keep)
+        if skipped and data.overlong_prompts == "error":
+            raise DOPDError(f"{skipped} prompts exceed data.max_prompt_length={data.max_prompt_length}; raise it or set data.overlong_prompts=skip")
+        if skipped:
+            self.accelerator.print(f"warning: skipped {skipped} of {len(examples)} prompts longer than data.max_prompt_length={data.max_prompt_length}")
+        return {
+            "plain": [plain[i] for i in keep],
+            "privileged": [privileged[i] for i in keep],
+            "answer": [examples[i].answer for i in keep],
+        }
+
+    def _build_models(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        student = load_model(config.student, self.tokenizer, seed=config.seed)
+        if config.loop.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        frozen = {}
+        if self.objective.uses_teacher:
+            frozen["teacher"] = load_model(config.teacher, self.tokenizer, seed=config.seed + 1)
+            check_vocabularies(student, frozen["teacher"])
+        if self.objective.uses_reference:
+            frozen["reference"] = load_model(config.reference, self.tokenizer, seed=config.seed) if config.reference else copy.deepcopy(student)
+        weights = config.views.priv_student_weights
+        if self.objective.uses_priv_student and weights == "base":
+            frozen["priv_student"] = copy.deepcopy(student)
+        self.ema = EMA(student, config.views.ema_decay) if self.objective.uses_priv_student and weights == "ema" else None
+        optim = config.optim
+        optimizer = torch.optim.AdamW(student.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, optim.max_steps)
+        self.student, self.optimizer, self.scheduler = accelerator.prepare(student, optimizer, scheduler)
+        # Frozen models are replicated on every rank and kept out of accelerate's checkpoints.
+        self.models = {name: m.eval().requires_grad_(False).to(accelerator.device) for name, m in frozen.items()}
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
+            accelerator.register_for_checkpointing(self.ema)
+            self.models["priv_student"] = self.ema.model
+        elif self.objective.uses_priv_student and weights == "live":
+            self.models["priv_student"] = accelerator.unwrap_model(self.student)
+
+    # -- training ---------------------------------------------------------------------------
+    def train(self, stop_after: int | None = None) -> None:
+        """Run until ``optim.max_steps``, logging, evaluating and checkpointing on schedule.
+
+        ``stop_after`` ends the run early after that many steps (checkpointing then), leaving the
+        schedule as ``optim.max_steps`` defines it; a later ``--resume`` continues it exactly.
+        """
+        loop, max_steps = self.config.loop, self.config.optim.max_steps
+        last = max_steps if stop_after is None else min(stop_after, max_steps)
+        bar = tqdm(total=max_steps, initial=self.step, desc="train", disable=not self.accelerator.is_main_process)
+        while self.step < last:
+            record = self.train_step()
+            self.step += 1
+            if loop.eval_every and self.eval_prompts and (self.step % loop.eval_every == 0 or self.step == max_steps):
+                record["eval/accuracy"] = self.evaluate().accuracy
+            if self.step % loop.log_every == 0 or self.step == max_steps:
+                self._log(record)
+            if (loop.save_every and self.step % loop.save_every == 0) or self.step == last:
+                save_checkpoint(self.accelerator, self.output_dir, self.step, self.student, self.tokenizer)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+        bar.close()
+        if self.step == max_steps:
+            self._save_final_model()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns its metrics (the same on every rank)."""
+        accelerator, rollout = self.accelerator, self.config.rollout
+        start = time.perf_counter()
+        local = self.sampler.indices(self.step).chunk(accelerator.num_processes)[accelerator.process_index]
+        policy = accelerator.unwrap_model(self.student)
+        policy.eval()  # generation: no dropout, no gradient checkpointing
+        rollouts = generate_rollouts(
+            policy, [self.prompts["plain"][i] for i in local],
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            max_completion_length=rollout.max_completion_length, num_generations=rollout.num_generations,
+            temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+            row_seeds=rollout_seeds(self.config.seed, self.step, local, rollout.num_generations),
+        )
+        policy.train()
+        generated = time.perf_counter()
+        rows = local[rollouts.prompt_index.cpu()].tolist()
+        view_prompts = {name: [self.prompts[kind][i] for i in rows] for name, kind in self.views.items() if name == "student" or name in self.models}
+        batches = make_micro_batches(rollouts.completion_ids, rollouts.completion_mask, view_prompts, self.config.optim.micro_batch_size, self.tokenizer.pad_token_id)
+        result = run_step(accelerator, self.objective, self.student, self.models, batches)
+        metrics = {**result.metrics, **self._optimizer_step()}
+        counts = torch.stack([rollouts.completion_mask.sum(), rollouts.truncated.sum(), torch.tensor(len(rows))]).double()
+        tokens, truncated, sequences = sum_across(accelerator, counts.to(accelerator.device)).tolist()
+        elapsed = time.perf_counter() - start
+        metrics.update({
+            "completion_length": tokens / sequences,
+            "truncated_fraction": truncated / sequences,
+            "time/generation": generated - start,
+            "time/step": elapsed,
+            "tokens_per_second": metrics["completion_tokens"] / elapsed,
+        })
+        return metrics
+
+    def _optimizer_step(self) -> dict[str, float]:
+        """Clip, then step unless the loss or gradient is non-finite (the step is then skipped)."""
+        max_norm = self.config.optim.max_grad_norm
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        finite = bool(torch.isfinite(torch.as_tensor(norm)))
+        if finite:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.accelerator.unwrap_model(self.student))
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm), "skipped_step": float(not finite), "lr": self.scheduler.get_last_lr()[0]}
+
+    def evaluate(self):
+        """Held-out accuracy without privileged context, sharded over ranks."""
+        accelerator, settings = self.accelerator, self.config.eval
+        count = min(settings.max_examples, len(self.eval_prompts["plain"]))
+        shard = range(accelerator.process_index, count, accelerator.num_processes)
+        result = evaluate(
+            accelerator.unwrap_model(self.student), self.tokenizer,
+            [self.eval_prompts["plain"][i] for i in shard], [self.eval_prompts["answer"][i] or "" for i in shard],
+            verifier=load_verifier(settings.verifier), max_new_tokens=settings.max_new_tokens,
+        )
+        counts = sum_across(accelerator, torch.tensor([result.correct, result.total], device=accelerator.device)).tolist()
+        result.correct, result.total = int(counts[0]), int(counts[1])
+        return result
+
+    def _log(self, record: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": self.step, **record}) + "\n")
+
+    def _save_final_model(self) -> None:
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.student)
+            model.save_pretrained(self.output_dir / "model", safe_serialization=True)
+            self.tokenizer.save_pretrained(self.output_dir / "model")
+        self.accelerator.wait_for_everyone()
+
+
+def _prepare_output_dir(accelerator: Accelerator, output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one unless asked to resume it or replace it."""
+    if output_dir.exists() and any(output_dir.iterdir()) and not (resume or overwrite):
+        raise DOPDError(f"output_dir {str(output_dir)!r} is not empty; pass --resume to continue it or --overwrite to replace it")
+    if overwrite and not resume and output_dir.exists() and accelerator.is_main_process:
+        shutil.rmtree(output_dir)
+    accelerator.wait_for_everyone()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (left by a run that died after its last checkpoint)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))

@@ -1,0 +1,410 @@
+"""Tests of dopd.rollout (hash uniforms, exact Gumbel-max sampling, batch-invariant rollouts) and
+of dopd.trainer.PromptSampler (the per-step prompt schedule)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LogitsProcessorList
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from dopd.rollout import HashGumbelSampler, generate_rollouts, hash_uniform, rollout_seeds
+from dopd.tiny import build_char_tokenizer, build_tiny_model
+from dopd.trainer import PromptSampler
+
+MASK64 = (1 << 64) - 1
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+CHARACTERS = "0123456789+*="
+PROMPTS = ["1+2=", "12*34+5=", "7=", "99*9=", "3*3*3+1="]
+MAX_LENGTH = 12
+
+
+def chi_square_bound(df: int, z: float = 5.0) -> float:
+    """Upper ``z``-sigma quantile of chi-square(df) (Wilson-Hilferty; z=5 is p ~ 3e-7)."""
+    scale = 2.0 / (9.0 * df)
+    return df * (1.0 - scale + z * math.sqrt(scale)) ** 3
+
+
+def assert_frequencies_match(samples: np.ndarray, probabilities: np.ndarray) -> None:
+    """``samples`` (category ids) are draws from ``probabilities``: zero-mass categories never
+    appear and Pearson's chi-square stays below a bound a correct sampler passes almost surely."""
+    counts = np.bincount(samples, minlength=len(probabilities)).astype(np.float64)
+    support = probabilities > 0
+    assert counts[~support].sum() == 0, f"sampled outside the support: {counts}"
+    expected = probabilities[support] * len(samples)
+    statistic = ((counts[support] - expected) ** 2 / expected).sum()
+    assert statistic < chi_square_bound(int(support.sum()) - 1), (statistic, counts, expected)
+
+
+# -- hash_uniform ------------------------------------------------------------------------------
+
+
+def reference_mix(key: int) -> float:
+    """The documented splitmix-style mixer in unbounded Python ints (mod 2**64), as a fraction
+    of 2**64: what the uniform approximates to within its 52-53 bits of resolution."""
+    x = (key * 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    x ^= x >> 31
+    return x / 2.0**64
+
+
+def test_hash_uniform_shape_dtype_and_open_interval():
+    keys = torch.arange(200_000, dtype=torch.long).reshape(400, 500)
+    values = hash_uniform(keys)
+    assert values.shape == keys.shape and values.dtype == torch.float64
+    assert values.min() > 0.0 and values.max() < 1.0
+
+
+def test_hash_uniform_is_strictly_below_one_for_the_largest_hash():
+    # The key whose mixed value is 2**64 - 1 (found by inverting the bijective mixer) yields the
+    # largest 53-bit cell; (2**53 - 1 + 0.5) / 2**53 is not representable and must not round to 1.
+    def unxorshift(y: int, bits: int) -> int:
+        x = y
+        for _ in range(64 // bits + 1):
+            x = y ^ (x >> bits)
+        return x & MASK64
+
+    x = MASK64
+    x = unxorshift(x, 31) * pow(0x94D049BB133111EB, -1, 1 << 64) & MASK64
+    x = unxorshift(x, 27) * pow(0xBF58476D1CE4E5B9, -1, 1 << 64) & MASK64
+    x = unxorshift(x, 30) * pow(0x9E3779B97F4A7C15, -1, 1 << 64) & MASK64
+    key = x - (1 << 64) if x > INT64_MAX else x
+    value = hash_uniform(torch.tensor([key])).item()
+    assert 0.0 < value < 1.0
+    # -log(-log(u)) must stay finite, or that vocabulary entry wins every Gumbel-max draw.
+    assert math.isfinite(-math.log(-math.log(value)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(INT64_MIN, INT64_MAX), min_size=1, max_size=50))
+def test_hash_uniform_matches_python_integer_reference(keys):
+    values = hash_uniform(torch.tensor(keys, dtype=torch.long))
+    expected = torch.tensor([reference_mix(k) for k in keys], dtype=torch.float64)
+    # The int64 wrapping products and logical shifts agree with exact integer arithmetic in
+    # every bit the uniform keeps; a slip in any of them moves the value by far more.
+    torch.testing.assert_close(values, expected, rtol=0.0, atol=2**-52)
+
+
+def test_hash_uniform_is_deterministic_and_leaves_global_rng_alone(seed):
+    keys = torch.randint(INT64_MIN, INT64_MAX, (1000,), generator=torch.Generator().manual_seed(seed))
+    state = torch.get_rng_state()
+    first, second = hash_uniform(keys), hash_uniform(keys.clone())
+    assert torch.equal(first, second)
+    assert torch.equal(torch.get_rng_state(), state)
+    # Elementwise: a key's value does not depend on its neighbours.
+    assert torch.equal(hash_uniform(keys.flip(0)), first.flip(0))
+
+
+def test_hash_uniform_distinct_keys_give_distinct_values():
+    keys = torch.cat([torch.arange(100_000), torch.arange(-50_000, 0), (torch.arange(50_000) + 1) << 40])
+    values = hash_uniform(keys)
+    assert torch.unique(keys).numel() == keys.numel()
+    assert torch.unique(values).numel() == values.numel()
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_hash_uniform_is_uniform(structured):
+    n = 200_000
+    if structured:  # consecutive keys: the case a weak mixer fails
+        keys = torch.arange(n, dtype=torch.long)
+    else:
+        keys = torch.randint(INT64_MIN, INT64_MAX, (n,), generator=torch.Generator().manual_seed(0))
+    values = np.sort(hash_uniform(keys).numpy())
+    # Kolmogorov-Smirnov: the p = 1e-6 critical value is sqrt(ln(2 / 1e-6) / (2 n)) ~ 0.0060.
+    grid = np.arange(1, n + 1) / n
+    statistic = max(np.max(grid - values), np.max(values - (grid - 1.0 / n)))
+    assert statistic < math.sqrt(math.log(2 / 1e-6) / (2 * n))
+    # Binned chi-square over 100 equal bins.
+    bins = 100
+    assert_frequencies_match((values * bins).astype(np.int64), np.full(bins, 1.0 / bins))
+
+
+# -- HashGumbelSampler: exact sampling -----------------------------------------------------------
+
+SCORES = torch.tensor([1.2, -0.3, 0.5, 2.0, -1.5, 0.9])  # [V] toy logits, no ties
+ROWS = 100_000
+PROMPT_LENGTH = 3
+
+
+def sample_argmax(processors: LogitsProcessorList, position: int, row_seeds: torch.Tensor) -> np.ndarray:
+    """``[ROWS]`` argmax of the processed toy scores at ``position`` generated tokens."""
+    sampler_chain = LogitsProcessorList([*processors, HashGumbelSampler(row_seeds, PROMPT_LENGTH)])
+    input_ids = torch.zeros((len(row_seeds), PROMPT_LENGTH + position), dtype=torch.long)  # [B, L]
+    scores = SCORES.expand(len(row_seeds), -1).clone()  # [B, V]
+    return sampler_chain(input_ids, scores).argmax(-1).numpy()
+
+
+def reference_distribution(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """softmax(scores / temperature), restricted to the top-k then to the nucleus, renormalised."""
+    logits = SCORES.double().numpy() / temperature
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    order = np.argsort(-probabilities)
+    if top_k > 0:
+        probabilities[order[top_k:]] = 0.0
+        probabilities /= probabilities.sum()
+    if top_p < 1.0:
+        mass_before = np.cumsum(probabilities[order]) - probabilities[order]
+        probabilities[order[mass_before >= top_p]] = 0.0
+        probabilities /= probabilities.sum()
+    return probabilities
+
+
+def test_hash_gumbel_argmax_samples_the_softmax():
+    row_seeds = torch.arange(ROWS, dtype=torch.long)
+    samples = sample_argmax(LogitsProcessorList(), 0, row_seeds)
+    assert_frequencies_match(samples, reference_distribution())
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(0.7, 0, 1.0), (1.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8), (0.8, 4, 0.7)],
+)
+def test_hash_gumbel_after_warpers_samples_the_warped_distribution(temperature, top_k, top_p):
+    processors = LogitsProcessorList()  # assembled in generate_rollouts' order
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        processors.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    row_seeds = rollout_seeds(11, 3, torch.arange(ROWS // 4), 4)
+    samples = sample_argmax(processors, 5, row_seeds)
+    assert_frequencies_match(samples, reference_distribution(temperature, top_k, top_p))
+
+
+def test_hash_gumbel_draws_at_different_positions_are_independent():
+    row_seeds = torch.arange(ROWS, dtype=torch.long) * 7 + 3
+    first = sample_argmax(LogitsProcessorList(), 0, row_seeds)
+    second = sample_argmax(LogitsProcessorList(), 1, row_seeds)
+    probabilities = reference_distribution()
+    joint = np.outer(probabilities, probabilities).reshape(-1)  # [V * V] product distribution
+    assert_frequencies_match(first * len(probabilities) + second, joint)
+
+
+def test_hash_gumbel_position_ignores_prompt_padding():
+    row_seeds = torch.arange(8, dtype=torch.long)
+    scores = SCORES.expand(8, -1)  # [B, V]
+    short = HashGumbelSampler(row_seeds, 4)(torch.zeros((8, 4 + 2), dtype=torch.long), scores)
+    long = HashGumbelSampler(row_seeds, 9)(torch.zeros((8, 9 + 2), dtype=torch.long), scores)
+    assert torch.equal(short, long)
+
+
+# -- generate_rollouts on a tiny model ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer(CHARACTERS)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    # A wide initialisation makes greedy margins large (>= 1e-2), so greedy decoding with and
+    # without the KV cache or padding cannot flip on float rounding.
+    return build_tiny_model(
+        len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=0,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    ids = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+    assert len({len(row) for row in ids}) > 1, "the prompts must need padding"
+    return ids
+
+
+def rollout(model, tokenizer, prompts, prompt_index, *, pad_token_id=None, seed=0, step=0, generations=3, **sampling):
+    return generate_rollouts(
+        model,
+        prompts,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if pad_token_id is None else pad_token_id,
+        max_completion_length=MAX_LENGTH,
+        num_generations=generations,
+        row_seeds=rollout_seeds(seed, step, torch.as_tensor(prompt_index), generations),
+        **sampling,
+    )
+
+
+def valid_tokens(rollouts) -> list[list[int]]:
+    """Each row's completion tokens under its mask (independent of the batch's padded width)."""
+    return [ids[mask].tolist() for ids, mask in zip(rollouts.completion_ids, rollouts.completion_mask)]
+
+
+def manual_greedy(model, prompt: list[int], eos_token_id: int) -> list[int]:
+    """Greedy completion by full forward passes over the unpadded sequence, no cache."""
+    ids = torch.tensor([prompt])  # [1, L]
+    completion: list[int] = []
+    with torch.no_grad():
+        for _ in range(MAX_LENGTH):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            completion.append(token)
+            if token == eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return completion
+
+
+def test_rollouts_shapes_and_prompt_major_order(model, tokenizer, prompt_ids):
+    result = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)))
+    rows = len(prompt_ids) * 3
+    assert result.completion_ids.shape[0] == rows and result.completion_ids.shape[1] <= MAX_LENGTH
+    assert result.completion_ids.dtype == torch.long
+    assert result.completion_mask.shape == result.completion_ids.shape
+    assert result.completion_mask.dtype == torch.bool
+    assert result.truncated.shape == (rows,) and result.truncated.dtype == torch.bool
+    assert result.prompt_index.tolist() == [p for p in range(len(prompt_ids)) for _ in range(3)]
+
+
+def test_rollouts_are_batch_composition_invariant_and_deterministic(model, tokenizer, prompt_ids):
+    batch = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), step=4)
+    again = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), step=4)
+    assert torch.equal(batch.completion_ids, again.completion_ids)
+    assert torch.equal(batch.completion_mask, again.completion_mask)
+    batch_tokens = valid_tokens(batch)
+    for index, prompt in enumerate(prompt_ids):
+        alone = rollout(model, tokenizer, [prompt], [index], step=4)
+        assert valid_tokens(alone) == batch_tokens[3 * index : 3 * index + 3]
+        assert alone.truncated.tolist() == batch.truncated[3 * index : 3 * index + 3].tolist()
+    # Split into two chunks (as across ranks or micro-batches): the same rollouts again.
+    split = valid_tokens(rollout(model, tokenizer, prompt_ids[:2], [0, 1], step=4))
+    split += valid_tokens(rollout(model, tokenizer, prompt_ids[2:], [2, 3, 4], step=4))
+    assert split == batch_tokens
+
+
+def test_rollouts_depend_on_seed_step_and_generation(model, tokenizer, prompt_ids):
+    base = valid_tokens(rollout(model, tokenizer, prompt_ids, range(len(prompt_ids))))
+    assert valid_tokens(rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), seed=1)) != base
+    assert valid_tokens(rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), step=1)) != base
+    assert any(len({tuple(row) for row in base[3 * p : 3 * p + 3]}) > 1 for p in range(len(prompt_ids)))
+
+
+def test_greedy_rollouts_equal_a_manual_argmax_loop(model, tokenizer, prompt_ids):
+    result = generate_rollouts(
+        model, prompt_ids, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_completion_length=MAX_LENGTH,
+    )
+    expected = [manual_greedy(model, prompt, tokenizer.eos_token_id) for prompt in prompt_ids]
+    assert valid_tokens(result) == expected
+    assert result.truncated.tolist() == [tokenizer.eos_token_id not in row for row in expected]
+
+
+@pytest.mark.parametrize("sampling", [{"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "temperature": 3.0}])
+def test_sampling_from_a_single_token_support_is_greedy(model, tokenizer, prompt_ids, sampling):
+    greedy = generate_rollouts(
+        model, prompt_ids, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_completion_length=MAX_LENGTH,
+    )
+    sampled = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), generations=1, **sampling)
+    assert valid_tokens(sampled) == valid_tokens(greedy)
+
+
+def first_eos(row: list[int], eos_token_id: int) -> int | None:
+    return row.index(eos_token_id) if eos_token_id in row else None
+
+
+def check_mask_and_padding(result, eos_token_id: int, pad_token_id: int) -> None:
+    for ids, mask, truncated in zip(result.completion_ids.tolist(), result.completion_mask.tolist(), result.truncated.tolist()):
+        end = first_eos(ids, eos_token_id)
+        valid = len(ids) if end is None else end + 1
+        assert mask == [True] * valid + [False] * (len(ids) - valid)
+        assert ids[valid:] == [pad_token_id] * (len(ids) - valid)
+        assert truncated == (end is None)
+
+
+def test_completion_mask_ends_at_first_eos_and_pads_after(model, tokenizer, prompt_ids):
+    result = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), generations=4)
+    check_mask_and_padding(result, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert result.truncated.any() and not result.truncated.all(), "need rows with and without EOS"
+
+
+def test_pad_equal_to_eos_gives_the_same_rollouts(model, tokenizer, prompt_ids):
+    pad_is_eos = build_char_tokenizer(CHARACTERS)
+    pad_is_eos.pad_token = pad_is_eos.eos_token
+    assert pad_is_eos.pad_token_id == pad_is_eos.eos_token_id
+    usual = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), generations=4)
+    shared = rollout(model, pad_is_eos, prompt_ids, range(len(prompt_ids)), pad_token_id=pad_is_eos.pad_token_id, generations=4)
+    check_mask_and_padding(shared, pad_is_eos.eos_token_id, pad_is_eos.pad_token_id)
+    # Left padding with the EOS id is masked out: the valid tokens do not change.
+    assert valid_tokens(shared) == valid_tokens(usual)
+    assert torch.equal(shared.truncated, usual.truncated)
+    assert shared.truncated.any() and not shared.truncated.all()
+
+
+# -- rollout_seeds ------------------------------------------------------------------------------
+
+
+def test_rollout_seeds_are_distinct_across_steps_prompts_and_generations():
+    seeds = torch.stack([rollout_seeds(0, step, torch.arange(200), 8) for step in range(10)])  # [S, P * G]
+    assert seeds.dtype == torch.long and seeds.shape == (10, 200 * 8)
+    assert torch.unique(seeds).numel() == seeds.numel()
+    assert not torch.equal(rollout_seeds(0, 0, torch.arange(5), 2), rollout_seeds(1, 0, torch.arange(5), 2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.integers(0, 10_000), min_size=1, max_size=20, unique=True),
+    st.integers(0, 20),
+    st.integers(1, 4),
+    st.integers(0, 2**31),
+    st.integers(0, 10_000),
+)
+def test_rollout_seeds_do_not_depend_on_chunking(prompts, cut, generations, seed, step):
+    cut = min(cut, len(prompts))
+    whole = rollout_seeds(seed, step, torch.tensor(prompts), generations)
+    parts = [rollout_seeds(seed, step, torch.tensor(chunk, dtype=torch.long), generations) for chunk in (prompts[:cut], prompts[cut:])]
+    assert torch.equal(torch.cat(parts), whole)
+    # Row p * G + g of the batch is the seed of (prompt p, generation g) alone.
+    alone = torch.cat([rollout_seeds(seed, step, torch.tensor([p]), generations) for p in prompts])
+    assert torch.equal(alone, whole)
+
+
+# -- PromptSampler ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num_prompts", "per_step"), [(10, 4), (7, 3), (5, 8), (6, 6)])
+def test_prompt_sampler_epochs_are_permutations(num_prompts, per_step):
+    sampler = PromptSampler(num_prompts, per_step, seed=3)
+    steps = num_prompts * 3  # a whole number of epochs: 3 * per_step of them
+    order = torch.cat([sampler.indices(step) for step in range(steps)])  # [steps * per_step]
+    assert all(sampler.indices(step).shape == (per_step,) for step in range(3))
+    for epoch in order.reshape(-1, num_prompts):
+        assert sorted(epoch.tolist()) == list(range(num_prompts))
+
+
+def test_prompt_sampler_depends_only_on_seed_and_step():
+    first, second = PromptSampler(20, 6, seed=5), PromptSampler(20, 6, seed=5)
+    torch.manual_seed(0)
+    forward = [first.indices(step).tolist() for step in range(12)]
+    torch.manual_seed(99)
+    torch.rand(10)
+    backward = [second.indices(step).tolist() for step in reversed(range(12))][::-1]
+    assert forward == backward
+    flat = sum(forward, [])
+    assert flat[:20] != flat[20:40]  # each epoch has its own order
+
+
+def test_prompt_sampler_seeds_give_different_orders():
+    orders = {tuple(torch.cat([PromptSampler(20, 5, seed).indices(s) for s in range(4)]).tolist()) for seed in range(5)}
+    assert len(orders) == 5

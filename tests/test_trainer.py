@@ -1,0 +1,152 @@
+"""The trainer end to end on tiny models: split invariance of one step, resume, 2 processes,
+learning, and every objective of the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dopd.config import load_config
+from dopd.objectives.registry import OBJECTIVES
+from dopd.rollout import generate_rollouts, rollout_seeds
+from dopd.step import make_micro_batches, run_step
+from dopd.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+DATA = str(ROOT / "configs" / "data" / "tiny.jsonl")
+
+
+def tiny_config(output_dir: Path, *overrides: str):
+    base = [f"output_dir={output_dir}", f"data.train={DATA}", "data.eval=null", "loop.eval_every=0"]
+    return load_config(TINY, [*base, *overrides])
+
+
+def step_rollouts(trainer: Trainer, step: int = 0):
+    """This rank's rollouts of ``step`` and the per-view prompts of its rows."""
+    rollout = trainer.config.rollout
+    local = trainer.sampler.indices(step)
+    policy = trainer.accelerator.unwrap_model(trainer.student)
+    rollouts = generate_rollouts(
+        policy, [trainer.prompts["plain"][i] for i in local],
+        eos_token_id=trainer.tokenizer.eos_token_id, pad_token_id=trainer.tokenizer.pad_token_id,
+        max_completion_length=rollout.max_completion_length, num_generations=rollout.num_generations,
+        row_seeds=rollout_seeds(trainer.config.seed, step, local, rollout.num_generations),
+    )
+    rows = local[rollouts.prompt_index].tolist()
+    prompts = {name: [trainer.prompts[kind][i] for i in rows] for name, kind in trainer.views.items() if name == "student" or name in trainer.models}
+    return rollouts, prompts
+
+
+def gradient_of_step(trainer: Trainer, rollouts, prompts, micro_batch_size: int):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    batches = make_micro_batches(rollouts.completion_ids, rollouts.completion_mask, prompts, micro_batch_size, trainer.tokenizer.pad_token_id)
+    out = run_step(trainer.accelerator, trainer.objective, trainer.student, trainer.models, batches)
+    return out.metrics, {n: p.grad.clone() for n, p in trainer.student.named_parameters()}
+
+
+@pytest.mark.parametrize("objective", ["dopd", "tip"])
+def test_step_is_identical_for_any_micro_batch_split(tmp_path, objective):
+    # 2 prompts x 4 generations = 8 rollout rows, split as 1x8, 2x4 and 8x1.
+    config = tiny_config(tmp_path, f"objective.name={objective}", "objective.top_k=8", "rollout.prompts_per_step=2", "rollout.num_generations=4")
+    trainer = Trainer(config)
+    rollouts, prompts = step_rollouts(trainer)
+    reference_metrics, reference_grads = gradient_of_step(trainer, rollouts, prompts, 8)
+    for micro_batch_size in (4, 1):
+        metrics, grads = gradient_of_step(trainer, rollouts, prompts, micro_batch_size)
+        for key in [k for k in reference_metrics if k.startswith(("threshold/", "fraction/"))]:
+            assert metrics[key] == reference_metrics[key], key
+        assert metrics["loss"] == pytest.approx(reference_metrics["loss"], rel=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _metric_lines(path: Path) -> list[dict]:
+    drop = ("time/", "tokens_per_second")
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(drop)} for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
+    overrides = ("optim.max_steps=4", "loop.save_every=2", "rollout.prompts_per_step=4", "rollout.num_generations=2")
+    Trainer(tiny_config(tmp_path / "full", *overrides)).train()
+    Trainer(tiny_config(tmp_path / "split", *overrides)).train(stop_after=2)
+    assert not (tmp_path / "split" / "model").exists()
+    Trainer(tiny_config(tmp_path / "split", *overrides), resume=True).train()
+    full, split = _weights(tmp_path / "full" / "model"), _weights(tmp_path / "split" / "model")
+    assert full.keys() == split.keys()
+    assert all(torch.equal(full[k], split[k]) for k in full)
+    assert _metric_lines(tmp_path / "full") == _metric_lines(tmp_path / "split")
+
+
+def test_training_reduces_the_objective_on_fixed_rollouts(tmp_path):
+    config = tiny_config(tmp_path, "objective.top_k=8", "optim.lr=3e-3", "optim.warmup_steps=0", "optim.max_steps=30", "rollout.prompts_per_step=4")
+    trainer = Trainer(config)
+    rollouts, prompts = step_rollouts(trainer)
+    before, _ = gradient_of_step(trainer, rollouts, prompts, 8)
+    trainer.train(stop_after=30)
+    after, _ = gradient_of_step(trainer, rollouts, prompts, 8)
+    assert after["loss"] < 0.85 * before["loss"]
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_objective_trains_two_steps(tmp_path, name):
+    config = tiny_config(
+        tmp_path, f"objective.name={name}", "optim.max_steps=2", "optim.warmup_steps=0",
+        "rollout.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_completion_length=6",
+    )
+    trainer = Trainer(config)
+    before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    trainer.train()
+    records = _metric_lines(tmp_path)
+    assert len(records) == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["skipped_step"] == 0.0 for r in records)
+    for group in trainer.objective.group_names:
+        assert f"fraction/{group}" in records[-1]
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.student.named_parameters())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli_run(output_dir: Path, processes: int) -> None:
+    overrides = [f"output_dir={output_dir}", f"data.train={DATA}", "data.eval=null", "loop.eval_every=0", "optim.max_steps=2"]
+    command = [sys.executable, "-m", "dopd.cli", "train", "--config", TINY]
+    if processes > 1:
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", str(_free_port()), "-m", "dopd.cli", "train", "--config", TINY]
+        command = [sys.executable, *launcher]
+    for item in overrides:
+        command += ["--set", item]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    _cli_run(tmp_path / "one", 1)
+    _cli_run(tmp_path / "two", 2)
+    one, two = _metric_lines(tmp_path / "one"), _metric_lines(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    weights_one, weights_two = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
+    for key in weights_one:
+        torch.testing.assert_close(weights_two[key], weights_one[key], rtol=1e-5, atol=1e-6)
