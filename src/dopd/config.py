@@ -295,7 +295,7 @@ class LoopConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=doc("recompute student activations in backward")
     )
-    log_every: int = field(default=1, metadata=doc("optimizer steps between progress-bar updates"))
+    log_every: int = field(default=1, metadata=doc("optimizer steps between metrics.jsonl records (evaluated steps are always recorded)"))
     save_every: int = field(
         default=50, metadata=doc("optimizer steps between checkpoints; 0 = only the last")
     )
@@ -318,12 +318,13 @@ class EvalConfig:
     max_examples: int = field(
         default=64, metadata=doc("evaluate on at most this many examples of data.eval")
     )
-    verifier: str = field(default="exact", metadata=doc("answer check: exact or numeric"))
+    verifier: str = field(default="exact", metadata=doc("answer check: exact, numeric, or path/to/file.py:function"))
     max_new_tokens: int = field(default=64, metadata=doc("most new tokens per greedy answer"))
 
     def __post_init__(self) -> None:
         require_int("max_examples", self.max_examples, low=1)
-        require_choice("verifier", self.verifier, VERIFIERS)
+        if ".py:" not in self.verifier:
+            require_choice("verifier", self.verifier, VERIFIERS)
         require_int("max_new_tokens", self.max_new_tokens, low=1)
 
 

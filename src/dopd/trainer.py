@@ -156,7 +156,7 @@ class Trainer:
             self.step += 1
             if loop.eval_every and self.eval_prompts and (self.step % loop.eval_every == 0 or self.step == max_steps):
                 record["eval/accuracy"] = self.evaluate().accuracy
-            if self.step % loop.log_every == 0 or self.step == max_steps:
+            if self.step % loop.log_every == 0 or self.step == last or "eval/accuracy" in record:
                 self._log(record)
             if (loop.save_every and self.step % loop.save_every == 0) or self.step == last:
                 save_checkpoint(self.accelerator, self.output_dir, self.step, self.student, self.tokenizer)
