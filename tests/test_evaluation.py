@@ -160,8 +160,13 @@ def same_text(completion: str, answer: str) -> bool:
 def run_evaluate(model, tokenizer, answers, batch_size):
     prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
     return evaluate(
-        model, tokenizer, prompt_ids, answers,
-        verifier=same_text, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size,
+        model,
+        tokenizer,
+        prompt_ids,
+        answers,
+        verifier=same_text,
+        max_new_tokens=MAX_NEW_TOKENS,
+        batch_size=batch_size,
     )
 
 
@@ -183,7 +188,9 @@ def test_evaluate_counts_only_matching_answers(model, tokenizer, greedy_texts):
     assert (result.correct, result.total) == (expected, len(PROMPTS))
     assert result.accuracy == expected / len(PROMPTS) < 1.0
     assert [sample["answer"] for sample in result.samples] == shuffled
-    assert [s["correct"] for s in result.samples] == [t == a for t, a in zip(greedy_texts, shuffled)]
+    assert [s["correct"] for s in result.samples] == [
+        t == a for t, a in zip(greedy_texts, shuffled)
+    ]
 
 
 def test_eval_result_accuracy():

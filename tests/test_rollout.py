@@ -96,7 +96,9 @@ def test_hash_uniform_matches_python_integer_reference(keys):
 
 
 def test_hash_uniform_is_deterministic_and_leaves_global_rng_alone(seed):
-    keys = torch.randint(INT64_MIN, INT64_MAX, (1000,), generator=torch.Generator().manual_seed(seed))
+    keys = torch.randint(
+        INT64_MIN, INT64_MAX, (1000,), generator=torch.Generator().manual_seed(seed)
+    )
     state = torch.get_rng_state()
     first, second = hash_uniform(keys), hash_uniform(keys.clone())
     assert torch.equal(first, second)
@@ -106,7 +108,9 @@ def test_hash_uniform_is_deterministic_and_leaves_global_rng_alone(seed):
 
 
 def test_hash_uniform_distinct_keys_give_distinct_values():
-    keys = torch.cat([torch.arange(100_000), torch.arange(-50_000, 0), (torch.arange(50_000) + 1) << 40])
+    keys = torch.cat(
+        [torch.arange(100_000), torch.arange(-50_000, 0), (torch.arange(50_000) + 1) << 40]
+    )
     values = hash_uniform(keys)
     assert torch.unique(keys).numel() == keys.numel()
     assert torch.unique(values).numel() == values.numel()
@@ -136,7 +140,9 @@ ROWS = 100_000
 PROMPT_LENGTH = 3
 
 
-def sample_argmax(processors: LogitsProcessorList, position: int, row_seeds: torch.Tensor) -> np.ndarray:
+def sample_argmax(
+    processors: LogitsProcessorList, position: int, row_seeds: torch.Tensor
+) -> np.ndarray:
     """``[ROWS]`` argmax of the processed toy scores at ``position`` generated tokens."""
     sampler_chain = LogitsProcessorList([*processors, HashGumbelSampler(row_seeds, PROMPT_LENGTH)])
     input_ids = torch.zeros((len(row_seeds), PROMPT_LENGTH + position), dtype=torch.long)  # [B, L]
@@ -144,7 +150,9 @@ def sample_argmax(processors: LogitsProcessorList, position: int, row_seeds: tor
     return sampler_chain(input_ids, scores).argmax(-1).numpy()
 
 
-def reference_distribution(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+def reference_distribution(
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> np.ndarray:
     """softmax(scores / temperature), restricted to the top-k then to the nucleus, renormalised."""
     logits = SCORES.double().numpy() / temperature
     probabilities = np.exp(logits - logits.max())
@@ -234,7 +242,18 @@ def prompt_ids(tokenizer):
     return ids
 
 
-def rollout(model, tokenizer, prompts, prompt_index, *, pad_token_id=None, seed=0, step=0, generations=3, **sampling):
+def rollout(
+    model,
+    tokenizer,
+    prompts,
+    prompt_index,
+    *,
+    pad_token_id=None,
+    seed=0,
+    step=0,
+    generations=3,
+    **sampling,
+):
     return generate_rollouts(
         model,
         prompts,
@@ -249,7 +268,9 @@ def rollout(model, tokenizer, prompts, prompt_index, *, pad_token_id=None, seed=
 
 def valid_tokens(rollouts) -> list[list[int]]:
     """Each row's completion tokens under its mask (independent of the batch's padded width)."""
-    return [ids[mask].tolist() for ids, mask in zip(rollouts.completion_ids, rollouts.completion_mask)]
+    return [
+        ids[mask].tolist() for ids, mask in zip(rollouts.completion_ids, rollouts.completion_mask)
+    ]
 
 
 def manual_greedy(model, prompt: list[int], eos_token_id: int) -> list[int]:
@@ -295,28 +316,44 @@ def test_rollouts_are_batch_composition_invariant_and_deterministic(model, token
 
 def test_rollouts_depend_on_seed_step_and_generation(model, tokenizer, prompt_ids):
     base = valid_tokens(rollout(model, tokenizer, prompt_ids, range(len(prompt_ids))))
-    assert valid_tokens(rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), seed=1)) != base
-    assert valid_tokens(rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), step=1)) != base
-    assert any(len({tuple(row) for row in base[3 * p : 3 * p + 3]}) > 1 for p in range(len(prompt_ids)))
+    assert (
+        valid_tokens(rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), seed=1)) != base
+    )
+    assert (
+        valid_tokens(rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), step=1)) != base
+    )
+    assert any(
+        len({tuple(row) for row in base[3 * p : 3 * p + 3]}) > 1 for p in range(len(prompt_ids))
+    )
 
 
 def test_greedy_rollouts_equal_a_manual_argmax_loop(model, tokenizer, prompt_ids):
     result = generate_rollouts(
-        model, prompt_ids, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_completion_length=MAX_LENGTH,
+        model,
+        prompt_ids,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_completion_length=MAX_LENGTH,
     )
     expected = [manual_greedy(model, prompt, tokenizer.eos_token_id) for prompt in prompt_ids]
     assert valid_tokens(result) == expected
     assert result.truncated.tolist() == [tokenizer.eos_token_id not in row for row in expected]
 
 
-@pytest.mark.parametrize("sampling", [{"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "temperature": 3.0}])
+@pytest.mark.parametrize(
+    "sampling", [{"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "temperature": 3.0}]
+)
 def test_sampling_from_a_single_token_support_is_greedy(model, tokenizer, prompt_ids, sampling):
     greedy = generate_rollouts(
-        model, prompt_ids, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_completion_length=MAX_LENGTH,
+        model,
+        prompt_ids,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_completion_length=MAX_LENGTH,
     )
-    sampled = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), generations=1, **sampling)
+    sampled = rollout(
+        model, tokenizer, prompt_ids, range(len(prompt_ids)), generations=1, **sampling
+    )
     assert valid_tokens(sampled) == valid_tokens(greedy)
 
 
@@ -325,7 +362,9 @@ def first_eos(row: list[int], eos_token_id: int) -> int | None:
 
 
 def check_mask_and_padding(result, eos_token_id: int, pad_token_id: int) -> None:
-    for ids, mask, truncated in zip(result.completion_ids.tolist(), result.completion_mask.tolist(), result.truncated.tolist()):
+    for ids, mask, truncated in zip(
+        result.completion_ids.tolist(), result.completion_mask.tolist(), result.truncated.tolist()
+    ):
         end = first_eos(ids, eos_token_id)
         valid = len(ids) if end is None else end + 1
         assert mask == [True] * valid + [False] * (len(ids) - valid)
@@ -344,7 +383,14 @@ def test_pad_equal_to_eos_gives_the_same_rollouts(model, tokenizer, prompt_ids):
     pad_is_eos.pad_token = pad_is_eos.eos_token
     assert pad_is_eos.pad_token_id == pad_is_eos.eos_token_id
     usual = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), generations=4)
-    shared = rollout(model, pad_is_eos, prompt_ids, range(len(prompt_ids)), pad_token_id=pad_is_eos.pad_token_id, generations=4)
+    shared = rollout(
+        model,
+        pad_is_eos,
+        prompt_ids,
+        range(len(prompt_ids)),
+        pad_token_id=pad_is_eos.pad_token_id,
+        generations=4,
+    )
     check_mask_and_padding(shared, pad_is_eos.eos_token_id, pad_is_eos.pad_token_id)
     # Left padding with the EOS id is masked out: the valid tokens do not change.
     assert valid_tokens(shared) == valid_tokens(usual)
@@ -356,10 +402,14 @@ def test_pad_equal_to_eos_gives_the_same_rollouts(model, tokenizer, prompt_ids):
 
 
 def test_rollout_seeds_are_distinct_across_steps_prompts_and_generations():
-    seeds = torch.stack([rollout_seeds(0, step, torch.arange(200), 8) for step in range(10)])  # [S, P * G]
+    seeds = torch.stack(
+        [rollout_seeds(0, step, torch.arange(200), 8) for step in range(10)]
+    )  # [S, P * G]
     assert seeds.dtype == torch.long and seeds.shape == (10, 200 * 8)
     assert torch.unique(seeds).numel() == seeds.numel()
-    assert not torch.equal(rollout_seeds(0, 0, torch.arange(5), 2), rollout_seeds(1, 0, torch.arange(5), 2))
+    assert not torch.equal(
+        rollout_seeds(0, 0, torch.arange(5), 2), rollout_seeds(1, 0, torch.arange(5), 2)
+    )
 
 
 @settings(max_examples=30, deadline=None)
@@ -373,7 +423,10 @@ def test_rollout_seeds_are_distinct_across_steps_prompts_and_generations():
 def test_rollout_seeds_do_not_depend_on_chunking(prompts, cut, generations, seed, step):
     cut = min(cut, len(prompts))
     whole = rollout_seeds(seed, step, torch.tensor(prompts), generations)
-    parts = [rollout_seeds(seed, step, torch.tensor(chunk, dtype=torch.long), generations) for chunk in (prompts[:cut], prompts[cut:])]
+    parts = [
+        rollout_seeds(seed, step, torch.tensor(chunk, dtype=torch.long), generations)
+        for chunk in (prompts[:cut], prompts[cut:])
+    ]
     assert torch.equal(torch.cat(parts), whole)
     # Row p * G + g of the batch is the seed of (prompt p, generation g) alone.
     alone = torch.cat([rollout_seeds(seed, step, torch.tensor([p]), generations) for p in prompts])
@@ -401,10 +454,13 @@ def test_prompt_sampler_depends_only_on_seed_and_step():
     torch.rand(10)
     backward = [second.indices(step).tolist() for step in reversed(range(12))][::-1]
     assert forward == backward
-    flat = sum(forward, [])
+    flat = [index for indices in forward for index in indices]
     assert flat[:20] != flat[20:40]  # each epoch has its own order
 
 
 def test_prompt_sampler_seeds_give_different_orders():
-    orders = {tuple(torch.cat([PromptSampler(20, 5, seed).indices(s) for s in range(4)]).tolist()) for seed in range(5)}
+    orders = {
+        tuple(torch.cat([PromptSampler(20, 5, seed).indices(s) for s in range(4)]).tolist())
+        for seed in range(5)
+    }
     assert len(orders) == 5

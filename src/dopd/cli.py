@@ -50,6 +50,12 @@ def _objectives(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  teacher={spec.teacher_view:<10}  {spec.summary}")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dopd", description="Dual On-policy Distillation and its baselines")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of dopd's own errors")
@@ -60,15 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted), repeatable")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
-    train.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N steps (the schedule keeps optim.max_steps)")
+    train.add_argument("--stop-after", type=_positive_int, default=None, metavar="N", help="stop after N steps (the schedule keeps optim.max_steps)")
     train.set_defaults(run=_train)
 
     evaluation = commands.add_parser("eval", help="held-out accuracy of a saved model without privileged context")
     evaluation.add_argument("--model", required=True, help="a saved model folder (e.g. output_dir/model)")
     evaluation.add_argument("--data", required=True, help="examples with answers (.jsonl/.json/.parquet or a datasets name)")
     evaluation.add_argument("--verifier", default="exact", help="exact, numeric, or path/to/file.py:function")
-    evaluation.add_argument("--max-new-tokens", type=int, default=64)
-    evaluation.add_argument("--max-examples", type=int, default=None)
+    evaluation.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    evaluation.add_argument("--max-examples", type=_positive_int, default=None)
     evaluation.set_defaults(run=_eval)
 
     listing = commands.add_parser("objectives", help="list every objective name")

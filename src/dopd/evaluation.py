@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ def load_verifier(name: str) -> Callable[[str, str], bool]:
     path, _, attribute = name.partition(":")
     if not path.endswith(".py") or not attribute:
         raise ConfigError(f"eval.verifier={name!r} is neither {sorted(VERIFIERS)} nor 'path/to/file.py:function'")
+    if not os.path.isfile(path):
+        raise ConfigError(f"eval.verifier={name!r}: no file {path!r}; check the path")
     spec = importlib.util.spec_from_file_location("dopd_user_verifier", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"eval.verifier={name!r}: cannot load {path!r}; check the path")

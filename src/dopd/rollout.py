@@ -46,7 +46,8 @@ def _splitmix(x: Tensor) -> Tensor:
 
 def hash_uniform(keys: Tensor) -> Tensor:
     """Float64 uniforms in (0, 1), one per int64 key, same shape; a pure function of the key."""
-    return (_shift_right(_splitmix(keys), 11).to(torch.float64) + 0.5) / float(1 << 53)
+    # 52 random bits plus a half step: every value is exact in float64 and strictly inside (0, 1).
+    return (_shift_right(_splitmix(keys), 12).to(torch.float64) + 0.5) / float(1 << 52)
 
 
 def rollout_seeds(seed: int, step: int, prompt_ids: Tensor, num_generations: int) -> Tensor:

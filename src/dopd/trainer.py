@@ -97,6 +97,8 @@ class Trainer:
         if per_step % world:
             raise ConfigError(f"rollout.prompts_per_step={per_step} must be divisible by the number of processes ({world})")
         self.sampler = PromptSampler(len(self.prompts["plain"]), per_step, self.config.seed)
+        # Load the verifier now, so that a bad one fails before any training step.
+        self.verifier = load_verifier(self.config.eval.verifier) if self.eval_prompts else None
 
     def _tokenized(self, examples) -> dict[str, list]:
         data, kwargs = self.config.data, self.config.tokenizer.chat_template_kwargs
@@ -221,7 +223,7 @@ class Trainer:
         result = evaluate(
             accelerator.unwrap_model(self.student), self.tokenizer,
             [self.eval_prompts["plain"][i] for i in shard], [self.eval_prompts["answer"][i] or "" for i in shard],
-            verifier=load_verifier(settings.verifier), max_new_tokens=settings.max_new_tokens,
+            verifier=self.verifier, max_new_tokens=settings.max_new_tokens,
         )
         counts = sum_across(accelerator, torch.tensor([result.correct, result.total], device=accelerator.device)).tolist()
         result.correct, result.total = int(counts[0]), int(counts[1])

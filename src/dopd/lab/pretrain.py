@@ -1,0 +1,245 @@
+"""Pretrain a lab task's tiny teacher and student from scratch, on CPU, in a few minutes.
+
+Both are Qwen3 causal LMs over the task's character tokenizer, trained by supervised next-token
+prediction on the task's solutions (loss on solution tokens and the closing EOS only). Half the
+training prompts are plain, half carry a privileged context through ``DEFAULT_PRIVILEGED_TEMPLATE``
+(mostly the default hint, the rest spread over the other hint forms), so both models answer with
+and without hints. The teacher is wider, deeper and trained longer, so it is the stronger of the
+two at equal information. Held-out problems (never trained on) measure greedy accuracy per view.
+
+    report = main_pretrain("arithmetic", "out/pair", seed=0)   # what `dopd pretrain` runs
+    teacher = AutoModelForCausalLM.from_pretrained(lab_model_dir("arithmetic") / "teacher")
+
+Output: ``DIR/teacher`` and ``DIR/student`` (``save_pretrained`` directories with the tokenizer)
+and ``DIR/pretrain.json`` (sizes, steps, seed, wall time, accuracies).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dopd.data import Example, privileged_prompt, tokenize_prompt
+from dopd.evaluation import evaluate
+from dopd.lab.task import Problem, Task, load_task
+from dopd.tiny import build_char_tokenizer, build_tiny_model
+
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+NO_HINT = "no_hint"  # the accuracy key of plain prompts (no privileged context at all)
+EVAL_SEED_OFFSET = 1_000_003  # held-out problems come from their own seed
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """Architecture and training length of one model of the pair."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    steps: int
+    learning_rate: float
+
+
+TEACHER = ModelRecipe(128, 4, 4, 2, 384, steps=1500, learning_rate=2e-3)
+STUDENT = ModelRecipe(48, 2, 4, 2, 128, steps=800, learning_rate=2e-3)
+
+
+@dataclass(frozen=True)
+class PretrainOptions:
+    """What both models share: batch, prompt mix, schedule and evaluation size."""
+
+    batch_size: int = 64
+    plain_share: float = 0.5  # rows with no privileged context
+    default_hint_share: float = 0.3  # rows with the default hint; the rest get other hint forms
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    eval_problems: int = 256
+    eval_batch_size: int = 128
+    progress: bool = True
+
+
+def lab_model_dir(task_name: str) -> Path:
+    """The folder of the shipped pair of a built-in task: ``teacher/``, ``student/``,
+    ``pretrain.json``."""
+    return CHECKPOINTS / task_name
+
+
+def main_pretrain(task_spec: str, output_dir: str, seed: int) -> dict:
+    """Load ``task_spec`` (see ``load_task``), pretrain its pair into ``output_dir``, and return
+    the report that is also written to ``output_dir/pretrain.json``."""
+    return pretrain_pair(load_task(task_spec), output_dir, seed=seed)
+
+
+def pretrain_pair(
+    task: Task,
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    teacher: ModelRecipe = TEACHER,
+    student: ModelRecipe = STUDENT,
+    options: PretrainOptions = PretrainOptions(),
+) -> dict:
+    """Train, evaluate and save a teacher and a student for ``task``; deterministic by ``seed``.
+
+    Returns the report written to ``output_dir/pretrain.json``: per model its recipe, parameter
+    count and held-out greedy accuracy per view (``no_hint`` and every hint form).
+    """
+    start = time.perf_counter()
+    output = Path(output_dir)
+    tokenizer = build_char_tokenizer(task.characters)
+    held_out = task.problems(seed + EVAL_SEED_OFFSET, options.eval_problems)
+    report = {"task": task.name, "seed": seed, "options": asdict(options)}
+    for role, recipe, model_seed in (("teacher", teacher, seed), ("student", student, seed + 1)):
+        model = build_model(recipe, tokenizer, model_seed)
+        train(model, tokenizer, task, recipe, options, seed=seed, held_out=held_out, label=role)
+        report[role] = {
+            **asdict(recipe),
+            "parameters": sum(parameter.numel() for parameter in model.parameters()),
+            "accuracy": accuracy_by_view(model, tokenizer, task, held_out, options),
+        }
+        model.save_pretrained(output / role)
+        tokenizer.save_pretrained(output / role)
+    report["wall_time_s"] = round(time.perf_counter() - start, 1)
+    (output / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def build_model(recipe: ModelRecipe, tokenizer, seed: int):
+    """A random-init tiny Qwen3 of ``recipe``'s shape over ``tokenizer``'s vocabulary."""
+    return build_tiny_model(
+        len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_key_value_heads,
+        intermediate_size=recipe.intermediate_size,
+        max_position_embeddings=256,
+        seed=seed,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train(model, tokenizer, task: Task, recipe: ModelRecipe, options: PretrainOptions, *,
+          seed: int, held_out: list[Problem], label: str) -> None:
+    """``recipe.steps`` AdamW steps of solution-token cross-entropy, warmup then cosine decay."""
+    rng = random.Random(seed)
+    excluded = {problem.prompt for problem in held_out}
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.learning_rate, weight_decay=options.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, options.warmup_steps, recipe.steps)
+    )
+    model.train()
+    bar = tqdm(range(recipe.steps), desc=f"pretrain {label}", disable=not options.progress)
+    for _ in bar:
+        rows = [training_row(task, rng, options, excluded) for _ in range(options.batch_size)]
+        loss = model(**collate(rows, tokenizer)).loss
+        loss.backward()
+        # Clipping keeps the first steps of a from-scratch model at a high lr from diverging.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warmup to 1, then cosine decay to 0.1 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def training_row(task: Task, rng: random.Random, options: PretrainOptions,
+                 excluded: set[str]) -> tuple[str, str]:
+    """One ``(prompt text, solution)`` pair: a fresh problem not in ``excluded``, shown plain or
+    with one of its hints."""
+    problem = task.problem(rng)
+    while problem.prompt in excluded:
+        problem = task.problem(rng)
+    draw = rng.random()
+    if draw < options.plain_share:
+        return problem.prompt, problem.solution
+    others = [form for form in task.hint_forms if form != task.default_hint]
+    hinted_share = (draw - options.plain_share) / (1.0 - options.plain_share)
+    default_share = options.default_hint_share / (1.0 - options.plain_share)
+    form = task.default_hint if hinted_share < default_share or not others else rng.choice(others)
+    example = Example(problem.prompt, problem.hints[form], problem.answer)
+    return privileged_prompt(example), problem.solution
+
+
+def collate(rows: list[tuple[str, str]], tokenizer) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (all ``[B, L]`` long) of
+    ``[prompt ids | solution ids, EOS]``; labels are -100 outside the solution and EOS."""
+    sequences, label_rows = [], []
+    for prompt, solution in rows:
+        prompt_ids = tokenize_prompt(prompt, tokenizer)
+        solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
+        solution_ids.append(tokenizer.eos_token_id)
+        sequences.append(prompt_ids + solution_ids)
+        label_rows.append([-100] * len(prompt_ids) + solution_ids)
+    length = max(len(sequence) for sequence in sequences)
+    # Right padding keeps positions 0..n-1 per row, as generate() assigns them to left-padded
+    # prompts from the attention mask.
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)  # [B, L]
+    labels = torch.full((len(rows), length), -100)  # [B, L]
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)  # [B, L]
+    for row, (sequence, label_row) in enumerate(zip(sequences, label_rows)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        labels[row, : len(sequence)] = torch.tensor(label_row)
+        attention_mask[row, : len(sequence)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def accuracy_by_view(model, tokenizer, task: Task, problems: list[Problem],
+                     options: PretrainOptions) -> dict[str, float]:
+    """Greedy held-out accuracy on plain prompts (``no_hint``) and with each hint form."""
+    views = {NO_HINT: [problem.prompt for problem in problems]}
+    for form in task.hint_forms:
+        views[form] = [
+            privileged_prompt(Example(problem.prompt, problem.hints[form])) for problem in problems
+        ]
+    return {
+        view: round(view_accuracy(model, tokenizer, task, prompts, problems, options), 4)
+        for view, prompts in views.items()
+    }
+
+
+def view_accuracy(model, tokenizer, task: Task, prompts: list[str], problems: list[Problem],
+                  options: PretrainOptions) -> float:
+    """Fraction of ``prompts`` whose greedy completion ``task.verify`` accepts."""
+    prompt_ids = [tokenize_prompt(prompt, tokenizer) for prompt in prompts]
+    answers = [problem.answer for problem in problems]
+    return evaluate(
+        model, tokenizer, prompt_ids, answers, verifier=task.verify,
+        max_new_tokens=completion_budget(problems, tokenizer),
+        batch_size=options.eval_batch_size,
+    ).accuracy
+
+
+def completion_budget(problems: list[Problem], tokenizer) -> int:
+    """Tokens a greedy completion may use: the longest solution, its EOS, and a little slack."""
+    longest = max(len(tokenizer(p.solution, add_special_tokens=False)["input_ids"]) for p in problems)
+    return longest + 4

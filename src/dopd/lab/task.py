@@ -1,0 +1,165 @@
+"""The lab task interface: procedurally generated, verifiable problems with privileged hints.
+
+A task draws ``Problem``s from a ``random.Random``. Each problem carries the prompt ``x`` the
+deployed student sees, a full target ``solution`` (scratchpad, then the answer on its last line),
+the reference ``answer``, and one privileged context per *hint form* (METHOD.md section 1; the
+paper's Tables 4-5 compare these forms):
+
+| hint form | what the privileged context holds |
+|---|---|
+| ``decomposition`` | the default: step-wise plan, no worked execution, no final answer |
+| ``answer`` | the final answer |
+| ``execution`` | the worked execution (the scratchpad itself) |
+| ``summary`` | a short summary of the plan |
+| ``none`` | no information (a fixed non-blank filler, since a privileged context is never empty) |
+
+Adding a task, without editing dopd — write a file outside the package::
+
+    # my_tasks.py
+    import random
+    from dopd.lab.task import Problem, Task
+
+    class Reverse(Task):
+        name = "reverse"
+        characters = "abc>\\n :nohintreversed"   # every character prompts, hints, solutions use
+
+        def problem(self, rng: random.Random) -> Problem:
+            word = "".join(rng.choice("abc") for _ in range(4))
+            hints = {form: "reversed" for form in self.hint_forms}
+            hints.update(answer=word[::-1], none="no hint")
+            return Problem(prompt=f"{word}>", solution=f"{word[::-1]}", answer=word[::-1],
+                           hints=hints)
+
+and name it as ``my_tasks.py:Reverse`` wherever a task is expected (``load_task``, the lab
+config, ``dopd pretrain``). Rules a task must keep:
+
+- ``problem`` is a pure function of the generator's state, so ``examples(seed, n)`` is the same on
+  every run; every hint form of ``hint_forms`` has a non-blank entry in ``Problem.hints``;
+- ``characters`` covers every character of prompts, hints and solutions (the lab's character
+  tokenizer maps anything else to ``<unk>``), ``"\\n"`` included;
+- ``verify(completion, answer)`` decides correctness; the default is ``exact_match`` (the last
+  ``\\boxed{}`` or else the last non-empty line of the completion equals the answer).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import random
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from dopd.data import Example
+from dopd.errors import ConfigError
+from dopd.evaluation import exact_match
+
+HINT_FORMS = ("decomposition", "answer", "execution", "summary", "none")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One generated problem.
+
+    Attributes:
+        prompt: the task input ``x``.
+        solution: the full target completion: scratchpad, then a last line holding the answer.
+        answer: the reference answer ``verify`` compares against.
+        hints: hint form -> privileged context (non-blank), one entry per ``Task.hint_forms``.
+    """
+
+    prompt: str
+    solution: str
+    answer: str
+    hints: dict[str, str]
+
+
+class Task(ABC):
+    """A family of problems. Subclasses set ``name`` and ``characters`` and define ``problem``."""
+
+    name: str
+    characters: str
+    hint_forms: tuple[str, ...] = HINT_FORMS
+    default_hint: str = "decomposition"
+
+    @abstractmethod
+    def problem(self, rng: random.Random) -> Problem:
+        """Draw one problem, using only ``rng`` for randomness."""
+
+    def verify(self, completion: str, answer: str) -> bool:
+        """Whether ``completion`` solves the problem whose reference answer is ``answer``."""
+        return exact_match(completion, answer)
+
+    def problems(self, seed: int, count: int) -> list[Problem]:
+        """``count`` problems, the same for the same ``seed``."""
+        rng = random.Random(seed)
+        return [self.problem(rng) for _ in range(count)]
+
+    def examples(self, seed: int, count: int, hint_form: str | None = None) -> list[Example]:
+        """``problems(seed, count)`` as training/evaluation examples whose privileged context is
+        the ``hint_form`` hint (``default_hint`` when None)."""
+        form = self.check_hint_form(hint_form or self.default_hint)
+        return [
+            Example(prompt=problem.prompt, privileged_context=problem.hints[form],
+                    answer=problem.answer)
+            for problem in self.problems(seed, count)
+        ]
+
+    def check_hint_form(self, hint_form: str) -> str:
+        """``hint_form`` itself, or a ``ConfigError`` naming the forms this task has."""
+        if hint_form not in self.hint_forms:
+            raise ConfigError(
+                f"hint_form={hint_form!r} is not a hint form of task {self.name!r}; "
+                f"use one of {', '.join(map(repr, self.hint_forms))}"
+            )
+        return hint_form
+
+
+def _builtin_tasks() -> dict[str, type[Task]]:
+    # Imported here: arithmetic imports this module for Task and Problem.
+    from dopd.lab.arithmetic import PlanArithmetic
+
+    return {PlanArithmetic.name: PlanArithmetic}
+
+
+def task_names() -> list[str]:
+    """Names of the built-in tasks."""
+    return sorted(_builtin_tasks())
+
+
+def load_task(spec: str) -> Task:
+    """A built-in task by name (see ``task_names()``), or ``path/to/file.py:ClassName`` — a
+    ``Task`` subclass defined in a file outside the package, instantiated with no arguments."""
+    builtin = _builtin_tasks()
+    if spec in builtin:
+        return builtin[spec]()
+    path, _, class_name = spec.rpartition(":")
+    if not path.endswith(".py") or not class_name:
+        raise ConfigError(
+            f"task={spec!r} is neither a built-in task ({', '.join(sorted(builtin))}) "
+            "nor 'path/to/file.py:ClassName'"
+        )
+    task_class = getattr(_load_module(spec, path), class_name, None)
+    if task_class is None:
+        raise ConfigError(f"task={spec!r}: {path!r} defines no {class_name!r}; check the name")
+    if not (inspect.isclass(task_class) and issubclass(task_class, Task)):
+        raise ConfigError(
+            f"task={spec!r}: {class_name!r} is not a subclass of dopd.lab.task.Task; "
+            "derive it from Task"
+        )
+    return task_class()
+
+
+def _load_module(spec: str, path: str):
+    if not Path(path).is_file():
+        raise ConfigError(f"task={spec!r}: no such file {path!r}; check the path")
+    module_name = f"dopd_user_task_{Path(path).stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"task={spec!r}: cannot import {path!r}; check that it is Python source")
+    module = importlib.util.module_from_spec(module_spec)
+    # Registered before running, so dataclasses and pickling inside the file can find it.
+    sys.modules[module_name] = module
+    module_spec.loader.exec_module(module)
+    return module
