@@ -1,7 +1,12 @@
 """dopd: Dual On-policy Distillation (arXiv 2606.30626) and its baselines for Hugging Face causal LMs."""
 
 from dopd.objectives.dopd import DOPD, DOPDConfig, DOPDOutput, dopd_loss
-from dopd.objectives.statistics import Thresholds, compute_thresholds, merge_statistics, privilege_statistics
+from dopd.objectives.statistics import (
+    Thresholds,
+    compute_thresholds,
+    merge_statistics,
+    privilege_statistics,
+)
 
 __all__ = [
     "DOPD",

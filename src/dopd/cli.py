@@ -42,6 +42,25 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps({"accuracy": result.accuracy, "correct": result.correct, "total": result.total}))
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from dopd.lab.commands import demo
+
+    demo(args.output, steps=args.steps)
+
+
+def _lab(args: argparse.Namespace) -> None:
+    from dopd.lab.commands import lab
+
+    lab(args.output or f"runs/lab-{args.suite}", args.suite, args.seeds, args.task, tune=not args.no_tune)
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from dopd.lab.pretrain import main_pretrain
+
+    report = main_pretrain(args.task, args.output, args.seed)
+    print(json.dumps({role: report[role]["accuracy"] for role in ("teacher", "student")}, indent=2))
+
+
 def _objectives(args: argparse.Namespace) -> None:
     from dopd.objectives.registry import OBJECTIVES
 
@@ -76,6 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--max-new-tokens", type=_positive_int, default=64)
     evaluation.add_argument("--max-examples", type=_positive_int, default=None)
     evaluation.set_defaults(run=_eval)
+
+    demo = commands.add_parser("demo", help="the privilege lab in minutes: 4 methods on tiny models, CPU")
+    demo.add_argument("--output", default="runs/demo", help="folder for results.json, report.md, plots, tokens.html")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per method (default 40)")
+    demo.set_defaults(run=_demo)
+
+    from dopd.lab.methods import SUITES
+
+    lab = commands.add_parser("lab", help="the full lab benchmark: a suite of methods over seeds, with lr tuning")
+    lab.add_argument("--suite", default="main", choices=sorted(SUITES), help="which methods (default: main)")
+    lab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    lab.add_argument("--task", default="arithmetic", help="a built-in task or path/to/file.py:ClassName")
+    lab.add_argument("--no-tune", action="store_true", help="skip learning-rate tuning (use the demo's rate)")
+    lab.add_argument("--output", default=None, help="output folder (default runs/lab-SUITE)")
+    lab.set_defaults(run=_lab)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain the lab's tiny teacher and student on a task")
+    pretrain.add_argument("--task", default="arithmetic", help="a built-in task or path/to/file.py:ClassName")
+    pretrain.add_argument("--output", required=True, help="folder for teacher/, student/ and pretrain.json")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.set_defaults(run=_pretrain)
 
     listing = commands.add_parser("objectives", help="list every objective name")
     listing.set_defaults(run=_objectives)

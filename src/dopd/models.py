@@ -8,7 +8,12 @@ unless a model's own config turns it on.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from dopd.errors import ConfigError
 from dopd.tiny import build_char_tokenizer, build_tiny_model

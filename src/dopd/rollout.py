@@ -14,40 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from dopd.alignment import completion_mask_after_eos
-
-_MASK64 = (1 << 64) - 1
-
-
-def _to_signed(value: int) -> int:
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GOLDEN = _to_signed(0x9E3779B97F4A7C15)
-_MIX1 = _to_signed(0xBF58476D1CE4E5B9)
-_MIX2 = _to_signed(0x94D049BB133111EB)
-
-
-def _shift_right(x: Tensor, bits: int) -> Tensor:
-    # Logical shift on int64: torch shifts arithmetically, so clear the copied sign bits.
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _splitmix(x: Tensor) -> Tensor:
-    """splitmix64 finaliser on int64 (wrapping arithmetic)."""
-    x = x * _GOLDEN
-    x = (x ^ _shift_right(x, 30)) * _MIX1
-    x = (x ^ _shift_right(x, 27)) * _MIX2
-    return x ^ _shift_right(x, 31)
-
-
-def hash_uniform(keys: Tensor) -> Tensor:
-    """Float64 uniforms in (0, 1), one per int64 key, same shape; a pure function of the key."""
-    # 52 random bits plus a half step: every value is exact in float64 and strictly inside (0, 1).
-    return (_shift_right(_splitmix(keys), 12).to(torch.float64) + 0.5) / float(1 << 52)
+from dopd.hashing import hash_uniform, splitmix
 
 
 def rollout_seeds(seed: int, step: int, prompt_ids: Tensor, num_generations: int) -> Tensor:
@@ -58,7 +32,7 @@ def rollout_seeds(seed: int, step: int, prompt_ids: Tensor, num_generations: int
     """
     generation = torch.arange(num_generations, dtype=torch.long)
     rows = prompt_ids.long().unsqueeze(-1) * 1_000_003 + generation  # [P, G]
-    return _splitmix(_splitmix(rows.flatten() + step * 2_147_483_647) + seed)
+    return splitmix(splitmix(rows.flatten() + step * 2_147_483_647) + seed)
 
 
 class HashGumbelSampler(LogitsProcessor):
@@ -77,7 +51,7 @@ class HashGumbelSampler(LogitsProcessor):
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         position = input_ids.shape[1] - self.prompt_length
         vocab = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.long)
-        row_keys = _splitmix(self.row_seeds.to(scores.device) + position).unsqueeze(-1)  # [B, 1]
+        row_keys = splitmix(self.row_seeds.to(scores.device) + position).unsqueeze(-1)  # [B, 1]
         uniforms = hash_uniform(row_keys ^ vocab)  # [B, V]
         gumbel = -torch.log(-torch.log(uniforms))
         return scores.log_softmax(-1) + gumbel.to(scores.dtype)

@@ -61,7 +61,8 @@ class EMA(torch.nn.Module):
 class Trainer:
     """Builds everything a run needs from a ``TrainConfig`` and trains it."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False):
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, verifier=None):
+        """``verifier`` (``(completion, answer) -> bool``) replaces ``eval.verifier`` when given."""
         self.config = config
         self.output_dir = Path(config.output_dir)
         # The schedule counts optimizer steps, not per-process batches: step it once per step.
@@ -76,7 +77,7 @@ class Trainer:
             "reference": "plain",
         }
         self.tokenizer = load_tokenizer(config.tokenizer, config.student)
-        self._load_data()
+        self._load_data(verifier)
         self._build_models()
         self.step = 0
         if resume and (checkpoint := latest_checkpoint(self.output_dir)) is not None:
@@ -87,7 +88,7 @@ class Trainer:
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
 
     # -- setup ------------------------------------------------------------------------------
-    def _load_data(self) -> None:
+    def _load_data(self, verifier) -> None:
         data = self.config.data
         self.prompts = self._tokenized(load_examples(data.train))
         if len(self.prompts["plain"]) == 0:
@@ -98,7 +99,7 @@ class Trainer:
             raise ConfigError(f"rollout.prompts_per_step={per_step} must be divisible by the number of processes ({world})")
         self.sampler = PromptSampler(len(self.prompts["plain"]), per_step, self.config.seed)
         # Load the verifier now, so that a bad one fails before any training step.
-        self.verifier = load_verifier(self.config.eval.verifier) if self.eval_prompts else None
+        self.verifier = verifier or (load_verifier(self.config.eval.verifier) if self.eval_prompts else None)
 
     def _tokenized(self, examples) -> dict[str, list]:
         data, kwargs = self.config.data, self.config.tokenizer.chat_template_kwargs

@@ -17,7 +17,12 @@ import torch
 from torch import Tensor
 
 from dopd.errors import ConfigError, require_choice, require_int, require_range
-from dopd.objectives.divergences import DIVERGENCES, divergence_beta, generalized_jsd, sampled_token_surrogate
+from dopd.objectives.divergences import (
+    DIVERGENCES,
+    divergence_beta,
+    generalized_jsd,
+    sampled_token_surrogate,
+)
 from dopd.objectives.reduction import REDUCTIONS, reduce_loss
 from dopd.objectives.support import SUPPORT_SOURCES, restrict_to_support, topk_support
 from dopd.objectives.views import TokenViews

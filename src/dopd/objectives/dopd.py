@@ -14,7 +14,15 @@ from typing import Any
 from torch import Tensor
 
 from dopd.errors import ConfigError, require_choice, require_range
-from dopd.objectives.base import GRANULARITIES, Objective, ObjectiveOptions, ObjectiveOutput, Term, check_subset, objective_loss
+from dopd.objectives.base import (
+    GRANULARITIES,
+    Objective,
+    ObjectiveOptions,
+    ObjectiveOutput,
+    Term,
+    check_subset,
+    objective_loss,
+)
 from dopd.objectives.divergences import DIVERGENCE_BETA
 from dopd.objectives.routing import REGIMES, assign_regimes
 from dopd.objectives.statistics import Thresholds, compute_thresholds, privilege_statistics

@@ -15,7 +15,18 @@ from typing import Any
 from dopd.errors import ConfigError
 from dopd.objectives.base import Objective, ObjectiveOptions
 from dopd.objectives.dopd import DOPD, DOPDConfig
-from dopd.objectives.zoo import EOPD, TIP, EOPDConfig, ExOPD, ExOPDConfig, TIPConfig, Uniform, UniformConfig
+from dopd.objectives.zoo import (
+    EOPD,
+    TIP,
+    EOPDConfig,
+    ExOPD,
+    ExOPDConfig,
+    Pruned,
+    PrunedConfig,
+    TIPConfig,
+    Uniform,
+    UniformConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,10 @@ _SPECS = [
     ObjectiveSpec("eopd", EOPD, EOPDConfig, teacher_view="plain", summary="EOPD: reverse KL + forward KL on high teacher-entropy tokens"),
     ObjectiveSpec("tip", TIP, TIPConfig, teacher_view="plain", summary="TIP: train only on kept student-entropy x gap quadrants"),
     ObjectiveSpec("exopd", ExOPD, ExOPDConfig, teacher_view="plain", summary="ExOPD: reverse KL to the reward-extrapolated target"),
+    ObjectiveSpec(
+        "pruned_opd", Pruned, PrunedConfig, {"target": "teacher", "divergence": "reverse_kl", "granularity": "sampled"},
+        summary="Priv.T->S with 20% of tokens dropped by privilege gap (high, low or random)",
+    ),
     ObjectiveSpec("uniform", Uniform, UniformConfig, summary="one configurable term for every token"),
     *_grid(),
 ]

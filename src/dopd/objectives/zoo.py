@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dopd.errors import require_choice, require_range
+from dopd.hashing import hash_uniform
 from dopd.objectives.base import GRANULARITIES, Objective, ObjectiveOptions, Term, check_subset
 from dopd.objectives.divergences import DIVERGENCES, LOG_FLOOR
 from dopd.objectives.views import TokenViews
@@ -193,3 +194,62 @@ class ExOPD(Objective):
         teacher_logp = views.logits["teacher"][rows].log_softmax(-1).clamp_min(LOG_FLOOR)
         reference_logp = views.logits["reference"][rows].log_softmax(-1).clamp_min(LOG_FLOOR)
         return lam * teacher_logp + (1.0 - lam) * reference_logp  # [M, V], unnormalised
+
+
+PRUNE_RULES = ("high_gap", "low_gap", "random")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrunedConfig(UniformConfig):
+    """A uniform objective that drops a fraction of tokens (the paper's token-pruning analysis).
+
+    Attributes:
+        prune: ``high_gap`` drops the tokens with the largest privilege gap ``A``, ``low_gap`` the
+            smallest, ``random`` a pseudo-random set (a hash of the token's teacher log-prob, so
+            the choice does not depend on batching).
+        prune_fraction: share of the step's tokens dropped; they still count in the denominator.
+    """
+
+    prune: str = "high_gap"
+    prune_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice("prune", self.prune, PRUNE_RULES)
+        require_range("prune_fraction", self.prune_fraction, low=0.0, high=1.0, high_open=True)
+
+
+class Pruned(Uniform):
+    """``Uniform`` on the kept tokens; the privilege gap needs the privileged-student view."""
+
+    group_names = ("kept", "dropped")
+    statistics_views = ("priv_student", "teacher")
+    uses_priv_student = True
+
+    def __init__(self, config: PrunedConfig):
+        super().__init__(config)
+        self.uses_priv_student = True
+
+    def routes(self) -> tuple[tuple[Term, ...], ...]:
+        return (super().routes()[0], ())
+
+    def statistics(self, views: TokenViews) -> dict[str, Tensor]:
+        teacher_logp = views.sampled_logp("teacher").clamp_min(LOG_FLOOR)
+        gap = (teacher_logp - views.sampled_logp("priv_student").clamp_min(LOG_FLOOR)).abs()
+        key = hash_uniform(teacher_logp.double().view(torch.int64))
+        return {"advantage_gap": gap, "prune_key": key.to(gap.dtype)}
+
+    def thresholds(self, statistics: dict[str, Tensor]) -> dict[str, Tensor]:
+        c = self.config
+        gap = statistics["advantage_gap"]
+        return {"high_gap": _quantile(gap, 1.0 - c.prune_fraction), "low_gap": _quantile(gap, c.prune_fraction)}
+
+    def assign(self, views: TokenViews, statistics: dict[str, Tensor], thresholds: dict[str, Tensor]) -> Tensor:
+        rule, gap = self.config.prune, statistics["advantage_gap"]
+        if rule == "high_gap":
+            dropped = gap > thresholds["high_gap"]
+        elif rule == "low_gap":
+            dropped = gap < thresholds["low_gap"]
+        else:
+            dropped = statistics["prune_key"] < self.config.prune_fraction
+        return dropped.long()

@@ -63,16 +63,23 @@ PALETTE = (
     "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
     "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
 )  # fmt: skip
+# For group names beside DOPD's regimes: no blue, orange or grey, so none passes for a regime.
+GROUP_PALETTE = (
+    "#2ca02c", "#9467bd", "#e377c2", "#8c564b", "#bcbd22", "#17becf",
+    "#98df8a", "#c5b0d5", "#f7b6d2", "#c49c94", "#dbdb8d", "#9edae5",
+)  # fmt: skip
 REFERENCE_COLORS = ("#000000", "#666666", "#aaaaaa")
 # Sparse series (evaluation every N steps) are readable only with point markers.
 MARKER_MAX_POINTS = 50
 
 
-def assign_colors(names: Iterable[str], fixed: Mapping[str, str]) -> dict[str, str]:
+def assign_colors(
+    names: Iterable[str], fixed: Mapping[str, str], palette: Sequence[str] = PALETTE
+) -> dict[str, str]:
     """Each name's fixed colour, or else the next palette colour no fixed name here uses."""
     names = list(dict.fromkeys(names))
     taken = {fixed[name] for name in names if name in fixed}
-    spare = itertools.cycle([color for color in PALETTE if color not in taken] or PALETTE)
+    spare = itertools.cycle([color for color in palette if color not in taken] or palette)
     return {name: fixed[name] if name in fixed else next(spare) for name in names}
 
 
@@ -203,7 +210,7 @@ def regimes_figure(records: Sequence[Mapping[str, Any]], *, title: str = "") -> 
         raise DataError("the records log no 'fraction/*' keys; plot a run of a routing objective")
     steps, fractions = regime_fractions(records, keys)
     names = [key.removeprefix(FRACTION_PREFIX) for key in keys]
-    colors = assign_colors(names, REGIME_COLORS)
+    colors = assign_colors(names, REGIME_COLORS, GROUP_PALETTE)
     figure = _new_figure((9, 4.5))
     ax = figure.subplots()
     ax.stackplot(steps, fractions, labels=names, colors=[colors[n] for n in names], linewidth=0)

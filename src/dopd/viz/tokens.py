@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dopd.errors import DataError
-from dopd.viz.plots import REGIME_COLORS, assign_colors
+from dopd.viz.plots import GROUP_PALETTE, REGIME_COLORS, assign_colors
 
 # The METHOD.md table in one line each: when a token lands in the regime, and what it learns.
 DEFAULT_LEGEND = {
@@ -69,7 +69,7 @@ def render_rollouts_html(
         _check_rollout(index, rollout)
     occurring = [str(regime) for rollout in rollouts for regime in rollout["regimes"]]
     names = list(dict.fromkeys([*legend, *occurring]))
-    colors = assign_colors(names, REGIME_COLORS)
+    colors = assign_colors(names, REGIME_COLORS, GROUP_PALETTE)
     classes = {name: _class_name(name, index) for index, name in enumerate(names)}
     body = [
         f"<h1>{escape(title)}</h1>",

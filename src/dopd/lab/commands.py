@@ -1,0 +1,139 @@
+"""``dopd demo``, ``dopd lab`` and ``dopd pretrain``: run a suite of methods from the same
+pretrained pair, then write ``results.json``, ``report.md``, plots and the token-level HTML."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from dopd.lab.methods import SUITES, Method
+from dopd.lab.pretrain import lab_model_dir, main_pretrain
+from dopd.lab.report import format_table, markdown_table, summarize
+from dopd.lab.rollout_view import rollout_records
+from dopd.lab.runner import DATA_SEEDS, LabSettings, RunResult, baseline_accuracies, run_method, write_data
+from dopd.lab.task import Task, load_task
+from dopd.viz.plots import plot_curves, plot_regimes
+from dopd.viz.tokens import write_rollouts_html
+
+DEMO_SETTINGS = LabSettings(steps=40, seeds=(0,), lr=3e-4, test_examples=256, valid_examples=64, eval_every=10)
+
+
+def model_pair(task: Task, spec: str, output_dir: Path) -> Path:
+    """The shipped pretrained pair of a built-in task, or a pair pretrained now into ``output_dir``."""
+    shipped = lab_model_dir(task.name)
+    if (shipped / "teacher").is_dir() and (shipped / "student").is_dir():
+        return shipped
+    print(f"no pretrained models for task {task.name!r}; pretraining them into {output_dir / 'models'}")
+    main_pretrain(spec, str(output_dir / "models"), 0)
+    return output_dir / "models"
+
+
+def tune_lr(method: Method, context: dict) -> float:
+    """The learning rate of ``settings.lr_grid`` with the best final validation accuracy (seed 0)."""
+    settings = context["settings"]
+    scores = {}
+    for lr in settings.lr_grid:
+        run_dir = context["output_dir"] / "tuning" / _slug(method.name) / f"lr{lr:g}"
+        result = run_method(method, seed=settings.seeds[0], lr=lr, output_dir=run_dir, **_run_args(context))
+        scores[lr] = [r["eval/accuracy"] for r in result.records if "eval/accuracy" in r][-1]
+    context["tuning"][method.name] = scores
+    return max(scores, key=lambda lr: (scores[lr], -lr))
+
+
+def run_suite(suite: str, settings: LabSettings, output_dir: Path, *, tune: bool, command: str) -> dict:
+    """Train every method of ``suite`` for every seed and write the report files."""
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-run checkpoint chatter
+    task, methods = load_task(settings.task), SUITES[suite]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = model_pair(task, settings.task, output_dir)
+    hint_forms = {method.hint_form or task.default_hint for method in methods}
+    files = write_data(task, settings, output_dir / "data", hint_forms)
+    baselines = baseline_accuracies(task, model_dir, settings, files)
+    context = {"task": task, "settings": settings, "model_dir": model_dir, "files": files, "output_dir": output_dir, "tuning": {}}
+    results: list[RunResult] = []
+    for index, method in enumerate(methods, start=1):
+        lr = tune_lr(method, context) if tune else settings.lr
+        for seed in settings.seeds:
+            print(f"[{index}/{len(methods)}] {method.name} seed {seed} lr {lr:g}", flush=True)
+            run_dir = output_dir / "runs" / _slug(method.name) / f"seed{seed}"
+            results.append(run_method(method, seed=seed, lr=lr, output_dir=run_dir, **_run_args(context)))
+    summary = summarize(results, baselines["teacher"], baselines["student"])
+    summary.update({"suite": suite, "task": task.name, "settings": asdict(settings), "lr_tuning": {k: {f"{lr:g}": v for lr, v in s.items()} for k, s in context["tuning"].items()}})
+    _write_outputs(summary, results, context, command)
+    return summary
+
+
+def _run_args(context: dict) -> dict:
+    return {key: context[key] for key in ("settings", "model_dir", "files", "task")}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name.replace("->", "_to_"))
+
+
+def _write_outputs(summary: dict, results: list[RunResult], context: dict, command: str) -> None:
+    output_dir, settings = context["output_dir"], context["settings"]
+    (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    runs: dict[str, list[list[dict]]] = {}
+    for result in results:
+        runs.setdefault(result.method, []).append(result.records)
+    references = {"teacher": summary["teacher_accuracy"], "student": summary["student_accuracy"]}
+    plot_curves(runs, output_dir / "curves.png", title=f"{summary['suite']} suite, {summary['task']} task", references=references)
+    routed = next((r for r in results if any(k == "fraction/HT" for k in r.records[0])), None)
+    if routed is not None:
+        plot_regimes(routed.records, output_dir / "regimes.png", title=f"{routed.method}: regime fractions")
+        examples = context["task"].examples(DATA_SEEDS["test"], 12)
+        records = rollout_records(str(Path(routed.run_dir) / "model"), str(context["model_dir"] / "teacher"), context["task"], examples, max_completion_length=settings.max_completion_length)
+        write_rollouts_html(records, output_dir / "tokens.html", title=f"{routed.method}: held-out rollouts of the trained student")
+    (output_dir / "report.md").write_text(markdown_report(summary, command, context))
+    print(format_table(summary))
+    print(f"wrote {output_dir}/results.json, report.md, curves.png" + (", regimes.png, tokens.html" if routed else ""))
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown_report(summary: dict, command: str, context: dict) -> str:
+    """The report as markdown: provenance, settings, the table, tuning budget, per-seed numbers."""
+    settings = context["settings"]
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}"
+    lines = [
+        f"# dopd lab: {summary['suite']} suite on the {summary['task']} task", "",
+        f"- command: `{command}`", f"- commit: `{_commit()}`", f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", f"- machine: {machine}",
+        f"- budget per run: {settings.steps} optimizer steps x {settings.prompts_per_step} prompts x {settings.num_generations} rollouts, "
+        f"completions up to {settings.max_completion_length} tokens; seeds {list(settings.seeds)}",
+        f"- held-out test: {settings.test_examples} problems without privileged context; teacher {summary['teacher_accuracy']:.3f}, student {summary['student_accuracy']:.3f}", "",
+        markdown_table(summary), "",
+    ]
+    if summary["lr_tuning"]:
+        lines += [f"Learning rates: each method tried {list(settings.lr_grid)} on seed {settings.seeds[0]} (same budget for every method) and kept the best final validation accuracy:", ""]
+        lines += [f"- {name}: " + ", ".join(f"{lr}: {acc:.3f}" for lr, acc in scores.items()) for name, scores in summary["lr_tuning"].items()]
+        lines.append("")
+    lines += ["Per-seed test accuracy:", ""]
+    lines += [f"- {name}: " + ", ".join(f"seed {s}: {a:.3f}" for s, a in m["seeds"].items()) for name, m in summary["methods"].items()]
+    lines += ["", "Plots: `curves.png` (validation accuracy, student entropy, loss vs step), `regimes.png`; token view: `tokens.html`.", ""]
+    return "\n".join(lines)
+
+
+def demo(output_dir: str, steps: int | None = None) -> dict:
+    """The demo: the ``demo`` suite, one seed, fixed learning rate."""
+    settings = DEMO_SETTINGS if steps is None else replace(DEMO_SETTINGS, steps=steps)
+    return run_suite("demo", settings, Path(output_dir), tune=False, command="dopd demo " + " ".join(sys.argv[2:]))
+
+
+def lab(output_dir: str, suite: str, seeds: list[int], task: str, tune: bool) -> dict:
+    """The benchmark: ``suite`` over ``seeds`` with per-method learning-rate tuning."""
+    settings = LabSettings(task=task, seeds=tuple(seeds))
+    return run_suite(suite, settings, Path(output_dir), tune=tune, command="dopd lab " + " ".join(sys.argv[2:]))

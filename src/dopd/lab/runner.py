@@ -1,0 +1,126 @@
+"""Running lab methods: data files, one training run per (method, seed, lr), test accuracy.
+
+Every run starts from the same pretrained student and teacher, trains with the ordinary
+``Trainer`` on the task's training prompts, and is scored on held-out test prompts *without*
+privileged context. The validation split (``eval/accuracy`` in the curves) chooses learning rates;
+the test split is only read for the final numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dopd.config import TrainConfig, from_dict
+from dopd.data import load_examples, tokenize_views
+from dopd.evaluation import evaluate
+from dopd.lab.methods import Method
+from dopd.lab.task import Task
+from dopd.trainer import Trainer
+
+DATA_SEEDS = {"train": 1000, "valid": 2000, "test": 3000}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabSettings:
+    """Sizes of a lab run. The same settings apply to every method (equal budgets)."""
+
+    task: str = "arithmetic"
+    train_examples: int = 4000
+    valid_examples: int = 128
+    test_examples: int = 256
+    steps: int = 60
+    prompts_per_step: int = 16
+    num_generations: int = 4
+    max_completion_length: int = 40
+    temperature: float = 1.0
+    micro_batch_size: int = 64
+    eval_every: int = 10
+    lr: float = 1e-4
+    lr_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass
+class RunResult:
+    """One finished run: test accuracy, its metric records and where it lives."""
+
+    method: str
+    seed: int
+    lr: float
+    accuracy: float
+    records: list[dict] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    run_dir: str = ""
+
+
+def write_data(task: Task, settings: LabSettings, data_dir: Path, hint_forms: set[str]) -> dict[str, Path]:
+    """JSONL files of the splits: ``train/<hint_form>``, ``valid`` and ``test``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    splits = {f"train/{form}": ("train", settings.train_examples, form) for form in hint_forms}
+    splits.update({"valid": ("valid", settings.valid_examples, None), "test": ("test", settings.test_examples, None)})
+    for key, (split, count, form) in splits.items():
+        path = data_dir / f"{key.replace('/', '_')}.jsonl"
+        rows = [asdict(example) for example in task.examples(DATA_SEEDS[split], count, form)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        files[key] = path
+    return files
+
+
+def method_config(method: Method, *, seed: int, lr: float, settings: LabSettings, model_dir: Path, files: dict[str, Path], output_dir: Path, task: Task) -> TrainConfig:
+    """The ``TrainConfig`` of one lab run."""
+    hint_form = method.hint_form or task.default_hint
+    return from_dict(TrainConfig, {
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "student": {"path": str(model_dir / "student")},
+        "teacher": {"path": str(model_dir / "teacher")},
+        "tokenizer": {"path": str(model_dir / "student")},
+        "data": {"train": str(files[f"train/{hint_form}"]), "eval": str(files["valid"]), "max_prompt_length": 256},
+        "objective": {"name": method.objective, **method.options},
+        "views": dict(method.views),
+        "rollout": {
+            "prompts_per_step": settings.prompts_per_step, "num_generations": settings.num_generations,
+            "max_completion_length": settings.max_completion_length, "temperature": settings.temperature,
+        },
+        "optim": {"lr": lr, "max_steps": settings.steps, "warmup_steps": 0, "micro_batch_size": settings.micro_batch_size},
+        "loop": {"save_every": 0, "eval_every": settings.eval_every},
+        "eval": {"max_examples": settings.valid_examples, "max_new_tokens": settings.max_completion_length},
+    })
+
+
+def test_accuracy(model, tokenizer, task: Task, test_file: Path, settings: LabSettings) -> float:
+    """Greedy accuracy of ``model`` on the test split without privileged context."""
+    examples = load_examples(str(test_file))
+    prompts, _ = tokenize_views(examples, tokenizer)
+    result = evaluate(model, tokenizer, prompts, [e.answer for e in examples], verifier=task.verify,
+                      max_new_tokens=settings.max_completion_length, batch_size=64)
+    return result.accuracy
+
+
+def baseline_accuracies(task: Task, model_dir: Path, settings: LabSettings, files: dict[str, Path]) -> dict[str, float]:
+    """Test accuracy of the pretrained teacher and student, without privileged context."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "student")
+    return {
+        role: test_accuracy(AutoModelForCausalLM.from_pretrained(model_dir / role), tokenizer, task, files["test"], settings)
+        for role in ("teacher", "student")
+    }
+
+
+def run_method(method: Method, *, seed: int, lr: float, settings: LabSettings, model_dir: Path, files: dict[str, Path], output_dir: Path, task: Task) -> RunResult:
+    """Train one method from the pretrained student and score it on the test split."""
+    config = method_config(method, seed=seed, lr=lr, settings=settings, model_dir=model_dir, files=files, output_dir=output_dir, task=task)
+    start = time.perf_counter()
+    trainer = Trainer(config, overwrite=True, verifier=task.verify)
+    trainer.train()
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    with torch.no_grad():
+        accuracy = test_accuracy(student, trainer.tokenizer, task, files["test"], settings)
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return RunResult(method.name, seed, lr, accuracy, records, time.perf_counter() - start, str(output_dir))
