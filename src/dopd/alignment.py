@@ -77,21 +77,25 @@ def build_view_inputs(
         pad_token_id: id written into padding; it never reaches attention.
     """
     _check_view_arguments(prompt_ids, completion_ids, completion_mask)
-    device = completion_ids.device
-    width = max(len(ids) for ids in prompt_ids)
-    prompt = torch.full(
-        (len(prompt_ids), width), pad_token_id, dtype=torch.long, device=device
-    )  # [B, P]
-    prompt_attention = torch.zeros_like(prompt)  # [B, P]
-    for row, ids in enumerate(prompt_ids):
-        prompt[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long, device=device)
-        prompt_attention[row, width - len(ids) :] = 1
+    prompt, prompt_attention = left_pad(prompt_ids, pad_token_id, completion_ids.device)  # [B, P]
     completion = completion_ids.long().masked_fill(~completion_mask, pad_token_id)  # [B, T]
     input_ids = torch.cat([prompt, completion], dim=1)  # [B, P + T]
     attention_mask = torch.cat([prompt_attention, completion_mask.long()], dim=1)  # [B, P + T]
     # Positions count real tokens only, so left padding does not shift the rotary positions.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, P + T]
     return ViewInputs(input_ids, attention_mask, position_ids, completion_ids.shape[1])
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``[B, L]`` long ids and attention mask of ``sequences`` padded on the left to one length."""
+    width = max(len(ids) for ids in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # [B, L]
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [B, L]
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+            mask[row, width - len(sequence) :] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _check_view_arguments(

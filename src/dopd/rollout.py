@@ -20,7 +20,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from dopd.alignment import completion_mask_after_eos
+from dopd.alignment import completion_mask_after_eos, left_pad
 from dopd.hashing import hash_uniform, splitmix
 
 
@@ -72,18 +72,6 @@ class Rollouts:
     completion_mask: Tensor
     prompt_index: Tensor
     truncated: Tensor
-
-
-def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``[B, L]`` input ids and attention mask of left-padded sequences."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, length - len(seq):] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()

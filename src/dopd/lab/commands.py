@@ -18,7 +18,14 @@ from dopd.lab.methods import SUITES, Method
 from dopd.lab.pretrain import lab_model_dir, main_pretrain
 from dopd.lab.report import format_table, markdown_table, summarize
 from dopd.lab.rollout_view import rollout_records
-from dopd.lab.runner import DATA_SEEDS, LabSettings, RunResult, baseline_accuracies, run_method, write_data
+from dopd.lab.runner import (
+    DATA_SEEDS,
+    LabSettings,
+    RunResult,
+    baseline_accuracies,
+    run_method,
+    write_data,
+)
 from dopd.lab.task import Task, load_task
 from dopd.viz.plots import plot_curves, plot_regimes
 from dopd.viz.tokens import write_rollouts_html
@@ -112,8 +119,8 @@ def markdown_report(summary: dict, command: str, context: dict) -> str:
     lines = [
         f"# dopd lab: {summary['suite']} suite on the {summary['task']} task", "",
         f"- command: `{command}`", f"- commit: `{_commit()}`", f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", f"- machine: {machine}",
-        f"- budget per run: {settings.steps} optimizer steps x {settings.prompts_per_step} prompts x {settings.num_generations} rollouts, "
-        f"completions up to {settings.max_completion_length} tokens; seeds {list(settings.seeds)}",
+        (f"- budget per run: {settings.steps} optimizer steps x {settings.prompts_per_step} prompts x {settings.num_generations} rollouts, "
+         f"completions up to {settings.max_completion_length} tokens; seeds {list(settings.seeds)}"),
         f"- held-out test: {settings.test_examples} problems without privileged context; teacher {summary['teacher_accuracy']:.3f}, student {summary['student_accuracy']:.3f}", "",
         markdown_table(summary), "",
     ]

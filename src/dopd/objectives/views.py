@@ -37,7 +37,7 @@ class TokenViews:
         completion_ids: Tensor,
         mask: Tensor,
         temperature: float,
-    ) -> "TokenViews":
+    ) -> TokenViews:
         """Select valid rows from ``[B, T, V]`` logits (``None`` views are skipped).
 
         Args:

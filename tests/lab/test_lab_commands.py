@@ -1,0 +1,57 @@
+"""The lab's orchestration: suites are valid configs, the report arithmetic, and a fast end-to-end
+demo path that writes a valid results.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from dopd.lab import commands
+from dopd.lab.methods import SUITES
+from dopd.lab.pretrain import lab_model_dir
+from dopd.lab.report import summarize
+from dopd.lab.runner import LabSettings, RunResult, method_config
+from dopd.lab.task import load_task
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_every_suite_method_is_a_valid_config(tmp_path, suite):
+    task = load_task("arithmetic")
+    files = {f"train/{form}": tmp_path / "train.jsonl" for form in task.hint_forms}
+    files.update({"valid": tmp_path / "valid.jsonl", "test": tmp_path / "test.jsonl"})
+    for method in SUITES[suite]:
+        config = method_config(method, seed=0, lr=1e-4, settings=LabSettings(), model_dir=tmp_path, files=files, output_dir=tmp_path / "run", task=task)
+        assert config.objective.name == method.objective
+        assert config.data.train == str(files[f"train/{method.hint_form or task.default_hint}"])
+
+
+def test_summary_gain_and_gap_closed_follow_their_definitions():
+    runs = [RunResult("a", 0, 1e-4, 0.5, [{"student_entropy": 1.0, "fraction/LH": 0.25}]),
+            RunResult("a", 1, 1e-4, 0.7, [{"student_entropy": 3.0, "fraction/LH": 0.75}])]
+    summary = summarize(runs, teacher=0.8, student=0.4)
+    method = summary["methods"]["a"]
+    assert method["accuracy"] == pytest.approx(0.6)
+    assert method["accuracy_std"] == pytest.approx(0.1)
+    assert method["gain"] == pytest.approx(0.2)
+    assert method["gap_closed"] == pytest.approx(0.5)
+    assert method["regime_fractions"] == {"LH": pytest.approx(0.5)}
+    assert method["final_entropy"] == pytest.approx(2.0)
+
+
+@pytest.mark.skipif(not (lab_model_dir("arithmetic") / "teacher").is_dir(), reason="shipped lab checkpoints missing")
+def test_demo_path_writes_a_valid_results_json(tmp_path):
+    settings = replace(commands.DEMO_SETTINGS, steps=2, train_examples=32, valid_examples=8, test_examples=16,
+                       eval_every=1, prompts_per_step=4, num_generations=2)
+    commands.run_suite("demo", settings, tmp_path, tune=False, command="test")
+    results = json.loads((tmp_path / "results.json").read_text())
+    for key in ("teacher_accuracy", "student_accuracy"):
+        assert 0.0 <= results[key] <= 1.0
+    assert {"vanilla_opd", "dopd", "priv_teacher_opd", "self_distillation"} <= set(results["methods"])
+    for method in results["methods"].values():
+        assert 0.0 <= method["accuracy"] <= 1.0
+        assert "gap_closed" in method
+    assert set(results["methods"]["dopd"]["regime_fractions"]) == {"LH", "LL", "HT", "HS"}
+    for name in ("report.md", "curves.png", "regimes.png", "tokens.html"):
+        assert (tmp_path / name).stat().st_size > 0
