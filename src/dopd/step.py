@@ -11,6 +11,7 @@ Order of work (METHOD.md sections 2 and 5):
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -93,8 +94,10 @@ def run_step(
         models: constant-view models by name (``priv_student``, ``teacher``, ``reference``).
         batches: this rank's micro-batches.
     """
+    start = time.perf_counter()
     constant_logits = [score_constant_views(models, batch) for batch in batches]
     statistics = [_statistics(objective, student, batch, logits) for batch, logits in zip(batches, constant_logits)]
+    scored = time.perf_counter()
     merged = {key: gather_rows(accelerator, value) for key, value in merge_statistics(statistics).items()} if statistics[0] else {}
     thresholds = objective.thresholds(merged)
     reduction = objective.config.reduction
@@ -115,6 +118,7 @@ def run_step(
             accelerator.backward(out.loss * accelerator.num_processes)
         totals.add(out, student_logits.detach(), batch.completion_mask)
     metrics = totals.reduce(accelerator, objective)
+    metrics.update({"time/scoring": scored - start, "time/forward_backward": time.perf_counter() - scored})
     metrics.update({k: float(v) for k, v in objective.metrics(merged, thresholds).items()} if merged else {})
     return StepOutput(torch.tensor(metrics["loss"]), metrics)
 

@@ -131,6 +131,12 @@ class Objective:
         """Step-level thresholds from statistics merged over a whole optimizer step."""
         return None
 
+    @property
+    def uses_thresholds(self) -> bool:
+        """Whether routing reads step-level thresholds (the subclass overrides ``thresholds``), so
+        that a caller knows when the statistics of the whole step are needed before any loss."""
+        return type(self).thresholds is not Objective.thresholds
+
     def assign(self, views: TokenViews, statistics: dict[str, Tensor], thresholds: Any) -> Tensor:
         """``[N]`` long group index of every valid token."""
         return torch.zeros(views.num_tokens, dtype=torch.long, device=views.token_ids.device)
@@ -163,6 +169,52 @@ def term_values(objective: Objective, term: Term, views: TokenViews, rows: Tenso
     return generalized_jsd(student_logp, target_logp, beta)
 
 
+@dataclass
+class TokenLosses:
+    """Per-token results of one set of rows, shared by the reference and the chunked path.
+
+    Attributes:
+        per_token: ``[N]`` float weighted per-token loss (differentiable w.r.t. the student view).
+        groups: ``[N]`` long group index of every row.
+        statistics: name -> ``[N]`` float per-token statistics (detached).
+        thresholds: the thresholds the groups were assigned with.
+    """
+
+    per_token: Tensor
+    groups: Tensor
+    statistics: dict[str, Tensor]
+    thresholds: Any
+
+
+def token_losses(objective: Objective, views: TokenViews, thresholds: Any = None) -> TokenLosses:
+    """Route every row of ``views`` and evaluate its group's terms on it.
+
+    Args:
+        objective: the routing rule and its options.
+        views: ``TokenViews`` of ``N`` rows (a batch's valid tokens, or one chunk of them).
+        thresholds: step-level thresholds; None computes them from these rows' statistics.
+
+    Returns:
+        ``TokenLosses`` of the ``N`` rows.
+    """
+    statistics = objective.statistics(views)
+    if thresholds is None:
+        thresholds = objective.thresholds(statistics)
+    groups = objective.assign(views, statistics, thresholds)  # [N]
+    # The empty slice keeps the loss attached to the student's graph (with a zero gradient)
+    # when no token contributes, e.g. a fully masked batch.
+    per_token = views.logits["student"][:, :0].sum(-1)  # [N]
+    for index, terms in enumerate(objective.routes()):
+        if not terms:
+            continue
+        rows = (groups == index).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            continue
+        for term in terms:
+            per_token = per_token.index_add(0, rows, term.weight * term_values(objective, term, views, rows))
+    return TokenLosses(per_token, groups, statistics, thresholds)
+
+
 def _check_inputs(logits: dict[str, Tensor | None], completion_ids: Tensor, completion_mask: Tensor) -> None:
     if completion_ids.dim() != 2 or completion_mask.shape != completion_ids.shape:
         raise ValueError(
@@ -182,7 +234,14 @@ def _check_inputs(logits: dict[str, Tensor | None], completion_ids: Tensor, comp
             )
 
 
-def _metrics(objective: Objective, groups: Tensor, per_token: Tensor, statistics: dict, thresholds: Any) -> dict[str, float]:
+def objective_metrics(
+    objective: Objective, groups: Tensor, per_token: Tensor, statistics: dict, thresholds: Any
+) -> dict[str, float]:
+    """Group fractions and mean losses plus the objective's own metrics, as Python floats.
+
+    Args:
+        groups: ``[N]`` long; per_token: ``[N]`` float (detached); statistics: name -> ``[N]``.
+    """
     names, values = [], []
     count = max(groups.numel(), 1)
     for index, group in enumerate(objective.group_names):
@@ -241,33 +300,22 @@ def objective_loss(
     _check_inputs(logits, completion_ids, completion_mask)
     mask = completion_mask.bool()
     views = TokenViews.from_batch(logits, completion_ids, mask, objective.config.temperature)
-    statistics = objective.statistics(views)
-    if thresholds is None:
-        thresholds = objective.thresholds(statistics)
-    groups = objective.assign(views, statistics, thresholds)  # [N]
-
-    # The empty slice keeps the loss attached to the student's graph (with a zero gradient)
-    # when no token contributes, e.g. a fully masked batch.
-    per_token = views.logits["student"][:, :0].sum(-1)  # [N]
-    for index, terms in enumerate(objective.routes()):
-        if not terms:
-            continue
-        rows = (groups == index).nonzero().squeeze(-1)
-        if rows.numel() == 0:
-            continue
-        for term in terms:
-            per_token = per_token.index_add(0, rows, term.weight * term_values(objective, term, views, rows))
-
+    out = token_losses(objective, views, thresholds)
+    per_token = out.per_token  # [N]
     per_token_full = torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device)
     per_token_full = per_token_full.masked_scatter(mask, per_token)  # [B, T]
     loss = reduce_loss(per_token_full, mask, objective.config.reduction, denominator)
-    groups_full = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device).masked_scatter(mask, groups)
+    groups_full = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device).masked_scatter(mask, out.groups)
     statistics_full = {
         name: torch.zeros(mask.shape, dtype=value.dtype, device=value.device).masked_scatter(mask, value)
-        for name, value in statistics.items()
+        for name, value in out.statistics.items()
     }
-    metrics = _metrics(objective, groups, per_token.detach(), statistics, thresholds)
-    return ObjectiveOutput(loss, per_token_full.detach(), groups_full, thresholds, statistics_full, metrics)
+    metrics = objective_metrics(
+        objective, out.groups, per_token.detach(), out.statistics, out.thresholds
+    )
+    return ObjectiveOutput(
+        loss, per_token_full.detach(), groups_full, out.thresholds, statistics_full, metrics
+    )
 
 
 def check_subset(key: str, values: tuple, allowed: tuple) -> tuple:

@@ -50,3 +50,35 @@ def reduce_loss(per_token: Tensor, mask: Tensor, reduction: str, denominator: Te
     if denominator is None:
         denominator = loss_denominator(mask, reduction)
     return total / torch.as_tensor(denominator, dtype=total.dtype).clamp_min(1)
+
+
+def row_weights(
+    mask: Tensor,
+    reduction: str,
+    denominator: Tensor | float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """What each valid token's loss is multiplied by in the reduced loss.
+
+    ``(row_weights(mask, r, d) * per_token[mask]).sum()`` equals
+    ``reduce_loss(per_token, mask, r, d)`` (up to rounding), so a path that never builds ``[B, T]`` losses (the chunked path) reduces
+    exactly as the reference does, with the same step-level denominator.
+
+    Args:
+        mask: ``[B, T]`` bool; rows are the valid tokens in row-major order (``x[mask]``).
+        reduction: ``"sequence_mean"`` or ``"token_mean"``.
+        denominator: as in ``reduce_loss``; ``None`` uses this batch's.
+        dtype: float dtype of the weights.
+
+    Returns:
+        ``[N]`` float weights, ``N = mask.sum()``.
+    """
+    mask = mask.bool()
+    if denominator is None:
+        denominator = loss_denominator(mask, reduction)
+    denominator = torch.as_tensor(denominator, dtype=dtype, device=mask.device).clamp_min(1)
+    if reduction == "token_mean":
+        per_sequence = torch.ones(mask.shape[0], dtype=dtype, device=mask.device)  # [B]
+    else:
+        per_sequence = 1.0 / mask.sum(-1).clamp_min(1).to(dtype)  # [B]
+    return (per_sequence / denominator).unsqueeze(-1).expand(mask.shape)[mask]  # [N]

@@ -46,13 +46,29 @@ class TokenViews:
             mask: ``[B, T]`` bool.
             temperature: the loss temperature; logits are divided by it.
         """
+        # [N, V] each
+        rows = {name: value[mask] for name, value in logits.items() if value is not None}
+        return cls.from_rows(rows, completion_ids[mask], temperature)
+
+    @classmethod
+    def from_rows(
+        cls, logits: dict[str, Tensor], token_ids: Tensor, temperature: float
+    ) -> TokenViews:
+        """Views from logits that are already rows of valid tokens (a whole batch or one chunk).
+
+        Args:
+            logits: view name -> ``[N, V]`` logits of any float dtype.
+            token_ids: ``[N]`` long.
+            temperature: the loss temperature; logits are divided by it.
+        """
         rows = {}
         for name, value in logits.items():
-            if value is None:
-                continue
             value = value if name == "student" else value.detach()
-            rows[name] = value[mask].to(compute_dtype(value.dtype)) / temperature  # [N, V]
-        return cls(rows, completion_ids[mask])
+            # Upcast before dividing: softmax of bf16 logits loses the small probabilities.
+            value = value.to(compute_dtype(value.dtype))  # [N, V]
+            # x / 1 is x exactly; skipping it saves one [N, V] copy per view.
+            rows[name] = value if temperature == 1.0 else value / temperature
+        return cls(rows, token_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,387 @@
+"""The objective loss from hidden states and output heads, without ``[N, V]`` logits.
+
+The reference path (``objective_loss``) takes ``[B, T, V]`` logits of every view; at V = 151,936
+three such tensors exhaust memory long before the models do. This path takes each view's hidden
+states at the valid completion tokens (``[N, d]``) and its output-head weight (``[V, d]``) and
+projects ``chunk_size`` rows at a time, so extra memory is O(chunk_size x V) (Liger-Kernel's
+chunked loss).
+The per-token maths is the reference path's own ``token_losses``; only the plumbing lives here:
+
+1. statistics pass (only if the objective routes on thresholds and none are given): project the
+   ``statistics_views`` chunk by chunk, keep the ``[N]`` statistics, merge, fix the thresholds;
+2. loss pass: per chunk, project every view, evaluate ``token_losses``, weight the rows by
+   ``row_weights`` (one reduction, divided by the step's global count) and take the gradient
+   w.r.t. the chunk's student logits at once, pushing it through the projection into ``[N, d]``
+   and ``[V, d]`` buffers. The returned loss's backward only scales those buffers.
+
+Assumes logits = hidden @ weight.T exactly: a head with a bias or logit softcapping must use the
+reference path (the trainer falls back to it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dopd.objectives.base import Objective, TokenLosses, objective_metrics, token_losses
+from dopd.objectives.statistics import merge_statistics
+from dopd.objectives.views import VIEW_NAMES, TokenViews, compute_dtype
+
+
+@dataclass(frozen=True)
+class Head:
+    """One view's rows and output head: ``logits = hidden @ weight.T``.
+
+    Attributes:
+        hidden: ``[N, d]`` float hidden states at the valid completion tokens.
+        weight: ``[V, d]`` float output-head weight.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+
+    def logits(self, rows: slice) -> Tensor:
+        """``[C, V]`` logits of ``rows`` in the inputs' dtype, as the model's head does."""
+        return self.hidden[rows] @ self.weight.T
+
+
+@dataclass
+class ChunkedOutput:
+    """What ``chunked_objective_loss`` returns.
+
+    Attributes:
+        loss: 0-d float (float32 or wider), differentiable w.r.t. the student's hidden states
+            and head.
+        per_token_loss: ``[N]`` float weighted per-token loss before reduction, detached.
+        groups: ``[N]`` long group index of every row.
+        thresholds: the step-level thresholds used (``None`` if the objective has none).
+        statistics: name -> ``[N]`` float per-token statistics.
+        metrics: name -> Python float, as ``ObjectiveOutput.metrics``.
+    """
+
+    loss: Tensor
+    per_token_loss: Tensor
+    groups: Tensor
+    thresholds: Any
+    statistics: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def chunked_statistics(
+    objective: Objective,
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    priv_student_hidden: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_head_weight: Tensor | None,
+    token_ids: Tensor,
+    *,
+    reference_hidden: Tensor | None = None,
+    reference_head_weight: Tensor | None = None,
+    priv_student_head_weight: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> dict[str, Tensor]:
+    """Per-token statistics of ``objective``, projecting only its ``statistics_views``.
+
+    Merge the results of every micro-batch and rank (``merge_statistics``) and pass
+    ``objective.thresholds(merged)`` to ``chunked_objective_loss`` for exact step-level routing.
+    Arguments as in ``chunked_objective_loss``.
+
+    Returns:
+        name -> ``[N]`` float, detached.
+    """
+    views = _views(
+        student_hidden, student_head_weight, priv_student_hidden, priv_student_head_weight,
+        teacher_hidden, teacher_head_weight, reference_hidden, reference_head_weight,
+    )  # fmt: skip
+    heads = _heads(objective, token_ids, chunk_size, views)
+    return _statistics(objective, heads, token_ids, chunk_size)
+
+
+def chunked_objective_loss(
+    objective: Objective,
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    priv_student_hidden: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_head_weight: Tensor | None,
+    token_ids: Tensor,
+    row_weights: Tensor,
+    *,
+    reference_hidden: Tensor | None = None,
+    reference_head_weight: Tensor | None = None,
+    priv_student_head_weight: Tensor | None = None,
+    thresholds: Any = None,
+    chunk_size: int = 1024,
+) -> ChunkedOutput:
+    """Loss of ``objective`` on ``N`` valid completion tokens; equals ``objective_loss`` on the
+    logits ``hidden @ weight.T`` of every view, in value and gradient.
+
+    Args:
+        objective: the routing rule and its options (temperature, top-K, ...).
+        student_hidden: ``[N, d_S]`` float (any dtype), the student's final hidden states at the
+            valid tokens (``hidden[mask]``); gradient flows here.
+        student_head_weight: ``[V, d_S]`` the student's output head (may be tied to its
+            embedding); gradient flows here.
+        priv_student_hidden: ``[N, d_S]`` the student on the privileged prompt, or None when
+            unused (constant).
+        teacher_hidden: ``[N, d_T]`` or None when unused (constant).
+        teacher_head_weight: ``[V, d_T]`` or None when unused (constant).
+        token_ids: ``[N]`` long, the sampled completion tokens.
+        row_weights: ``[N]`` float, each token's factor in the step's loss
+            (``reduction.row_weights(mask, reduction, denominator)``).
+        reference_hidden, reference_head_weight: ``[N, d_R]``, ``[V, d_R]``, for objectives that
+            use a reference model (constant).
+        priv_student_head_weight: ``[V, d_S]``; default ``student_head_weight`` (constant).
+        thresholds: step-level thresholds; None computes them from these ``N`` rows.
+        chunk_size: rows projected at a time; peak memory grows as ``chunk_size x V``.
+
+    Returns:
+        ``ChunkedOutput``; the loss is ``sum(row_weights * per_token_loss)``.
+    """
+    views = _views(
+        student_hidden, student_head_weight, priv_student_hidden, priv_student_head_weight,
+        teacher_hidden, teacher_head_weight, reference_hidden, reference_head_weight,
+    )  # fmt: skip
+    heads = _heads(objective, token_ids, chunk_size, views)
+    if row_weights.shape != token_ids.shape:
+        raise ValueError(
+            f"row_weights must be [N] = {tuple(token_ids.shape)} like token_ids; "
+            f"got {tuple(row_weights.shape)}; build it with reduction.row_weights"
+        )
+    if thresholds is None and objective.uses_thresholds:
+        thresholds = objective.thresholds(_statistics(objective, heads, token_ids, chunk_size))
+    gradients = None
+    if torch.is_grad_enabled() and (
+        student_hidden.requires_grad or student_head_weight.requires_grad
+    ):
+        gradients = _Gradients(
+            heads["student"], student_hidden.requires_grad, student_head_weight.requires_grad
+        )
+    value, parts = _loss_pass(
+        objective, heads, token_ids, row_weights, thresholds, chunk_size, gradients
+    )
+    loss = (
+        value if gradients is None else gradients.attach(value, student_hidden, student_head_weight)
+    )
+    per_token = torch.cat([part.per_token for part in parts])  # [N]
+    groups = torch.cat([part.groups for part in parts])  # [N]
+    statistics = merge_statistics(part.statistics for part in parts)
+    metrics = objective_metrics(objective, groups, per_token, statistics, thresholds)
+    return ChunkedOutput(loss, per_token, groups, thresholds, statistics, metrics)
+
+
+def _views(
+    student_hidden, student_head_weight, priv_student_hidden, priv_student_head_weight,
+    teacher_hidden, teacher_head_weight, reference_hidden, reference_head_weight,
+) -> dict[str, tuple[Tensor | None, Tensor | None]]:  # fmt: skip
+    """View name -> (hidden states, head weight), as the public functions take them."""
+    if priv_student_head_weight is None:
+        # The privileged student is the student itself on another prompt: the same head.
+        priv_student_head_weight = student_head_weight
+    return {
+        "student": (student_hidden, student_head_weight),
+        "priv_student": (priv_student_hidden, priv_student_head_weight),
+        "teacher": (teacher_hidden, teacher_head_weight),
+        "reference": (reference_hidden, reference_head_weight),
+    }
+
+
+def _heads(
+    objective: Objective,
+    token_ids: Tensor,
+    chunk_size: int,
+    views: dict[str, tuple[Tensor | None, Tensor | None]],
+) -> dict[str, Head]:
+    """The views the objective reads (its terms and its statistics), detached, after checks."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    used = {
+        "priv_student": objective.uses_priv_student,
+        "teacher": objective.uses_teacher,
+        "reference": objective.uses_reference,
+    }
+    needed = {
+        "student",
+        *objective.statistics_views,
+        *(name for name, flag in used.items() if flag),
+    }
+    heads = {}
+    for name in VIEW_NAMES:
+        hidden, weight = views[name]
+        if name not in needed:
+            continue
+        if hidden is None or weight is None:
+            raise ValueError(
+                f"objective {type(objective).__name__} needs {name}_hidden and its head weight; "
+                "got None"
+            )
+        _check_head(name, hidden, weight, token_ids)
+        heads[name] = Head(hidden.detach(), weight.detach())
+    vocab = heads["student"].weight.shape[0]
+    for name, head in heads.items():
+        if head.weight.shape[0] != vocab:
+            raise ValueError(
+                f"vocabulary size mismatch: the student's head has V={vocab} but the {name} "
+                f"head has V={head.weight.shape[0]}; slice or pad both heads to one vocabulary"
+            )
+    return heads
+
+
+def _check_head(name: str, hidden: Tensor, weight: Tensor, token_ids: Tensor) -> None:
+    if token_ids.dim() != 1:
+        raise ValueError(
+            f"token_ids must be [N] (the valid completion tokens, ids[mask]); "
+            f"got {tuple(token_ids.shape)}"
+        )
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{name}_hidden must be [N, d] and its head weight [V, d]; got "
+            f"{tuple(hidden.shape)} and {tuple(weight.shape)}; pass hidden[mask] and the "
+            "model's own output head"
+        )
+    if hidden.shape[0] != token_ids.shape[0]:
+        raise ValueError(
+            f"{name}_hidden has {hidden.shape[0]} rows but token_ids has {token_ids.shape[0]}; "
+            "select both with the same mask"
+        )
+
+
+def _chunks(num_rows: int, chunk_size: int) -> list[slice]:
+    # N = 0 still gets one (empty) chunk, so that statistics keep their keys and dtypes.
+    return [slice(start, start + chunk_size) for start in range(0, max(num_rows, 1), chunk_size)]
+
+
+@torch.no_grad()
+def _logits(heads: dict[str, Head], names, rows: slice) -> dict[str, Tensor]:
+    return {name: heads[name].logits(rows) for name in names}  # [C, V] each
+
+
+@torch.no_grad()
+def _statistics(
+    objective: Objective, heads: dict[str, Head], token_ids: Tensor, chunk_size: int
+) -> dict[str, Tensor]:
+    parts = []
+    for rows in _chunks(token_ids.shape[0], chunk_size):
+        logits = _logits(heads, objective.statistics_views, rows)
+        parts.append(
+            objective.statistics(
+                TokenViews.from_rows(logits, token_ids[rows], objective.config.temperature)
+            )
+        )
+    return merge_statistics(parts)
+
+
+def _loss_pass(
+    objective: Objective,
+    heads: dict[str, Head],
+    token_ids: Tensor,
+    row_weights: Tensor,
+    thresholds: Any,
+    chunk_size: int,
+    gradients: _Gradients | None,
+) -> tuple[Tensor, list[TokenLosses]]:
+    """Sum over chunks of ``row_weights * per_token``, the detached per-chunk ``TokenLosses``,
+    and each chunk's gradient pushed into ``gradients`` (when given) before the next chunk."""
+    values, parts = [], []
+    for rows in _chunks(token_ids.shape[0], chunk_size):
+        student_logits, part, chunk_loss = _chunk_loss(
+            objective, heads, token_ids, row_weights, rows, thresholds, gradients is not None
+        )
+        if gradients is not None:
+            gradients.add(rows, torch.autograd.grad(chunk_loss, student_logits)[0])
+        values.append(chunk_loss.detach())
+        part.per_token = part.per_token.detach()
+        parts.append(part)
+    return torch.stack(values).sum(), parts
+
+
+def _chunk_loss(
+    objective: Objective,
+    heads: dict[str, Head],
+    token_ids: Tensor,
+    row_weights: Tensor,
+    rows: slice,
+    thresholds: Any,
+    requires_grad: bool,
+) -> tuple[Tensor, TokenLosses, Tensor]:
+    """The chunk's student logits ``[C, V]`` (a leaf), its ``TokenLosses`` and its weighted sum.
+
+    The views go out of scope on return, so the constant views' ``[C, V]`` logits are freed
+    before the backward pass allocates its gradients.
+    """
+    # A leaf in the heads' dtype: its gradient includes the upcast and the temperature.
+    student_logits = heads["student"].logits(rows).requires_grad_(requires_grad)  # [C, V]
+    constant_logits = _logits(heads, [name for name in heads if name != "student"], rows)
+    with torch.enable_grad():
+        views = TokenViews.from_rows(
+            {"student": student_logits, **constant_logits},
+            token_ids[rows],
+            objective.config.temperature,
+        )
+        part = token_losses(objective, views, thresholds)
+        chunk_loss = (row_weights[rows].to(part.per_token.dtype) * part.per_token).sum()
+    return student_logits, part, chunk_loss
+
+
+class _Gradients:
+    """The student projection's gradient, filled chunk by chunk.
+
+    The chunk's gradient w.r.t. its logits goes through ``logits = hidden @ weight.T`` by hand
+    (``addmm_`` into one buffer) rather than by ``autograd.grad`` w.r.t. the weight, which would
+    allocate a fresh ``[V, d]`` tensor per chunk.
+    """
+
+    def __init__(self, head: Head, hidden: bool, weight: bool):
+        self.head = head
+        self.hidden = torch.zeros_like(head.hidden) if hidden else None  # [N, d]
+        # Accumulated over chunks in float32 or wider, rounded to the weight's dtype once.
+        self.weight = (
+            torch.zeros(
+                head.weight.shape, dtype=compute_dtype(head.weight.dtype), device=head.weight.device
+            )
+            if weight
+            else None
+        )  # [V, d]
+
+    def add(self, rows: slice, grad_logits: Tensor) -> None:
+        """Add the gradient of ``rows`` from ``grad_logits`` ``[C, V]`` (w.r.t. their logits)."""
+        if self.hidden is not None:
+            self.hidden[rows] = grad_logits @ self.head.weight
+        if self.weight is not None:
+            self.weight.addmm_(
+                grad_logits.T.to(self.weight.dtype), self.head.hidden[rows].to(self.weight.dtype)
+            )
+
+    def attach(self, value: Tensor, student_hidden: Tensor, student_head_weight: Tensor) -> Tensor:
+        """``value`` as a loss whose backward sends the stored gradients to the student."""
+        weight = None if self.weight is None else self.weight.to(student_head_weight.dtype)
+        return _AttachGradients.apply(
+            value, student_hidden, student_head_weight, self.hidden, weight
+        )
+
+
+class _AttachGradients(torch.autograd.Function):
+    """Identity on a 0-d loss whose gradients w.r.t. the student were computed during forward."""
+
+    @staticmethod
+    def forward(ctx, value, student_hidden, student_head_weight, grad_hidden, grad_weight):
+        # Kept on ctx rather than saved: backward hands the buffers themselves out (no second
+        # [V, d] copy) and drops them, so a second backward fails instead of reusing scaled buffers.
+        ctx.gradients = (grad_hidden, grad_weight)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gradients, ctx.gradients = ctx.gradients, None
+        if gradients is None:
+            raise RuntimeError(
+                "chunked_objective_loss: backward already ran on this loss; compute it again"
+            )
+        scaled = [
+            None if grad is None else grad.mul_(grad_output.to(grad.dtype)) for grad in gradients
+        ]
+        return None, *scaled, None, None

@@ -1,0 +1,469 @@
+"""The chunked loss (dopd.objectives.chunked) against the reference path, ``objective_loss`` on the
+full logits ``hidden @ weight.T``: values, gradients, statistics and thresholds, for every entry of
+the registry, every chunk size and both reductions."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from dopd.objectives import chunked
+from dopd.objectives.base import objective_loss
+from dopd.objectives.chunked import ChunkedOutput, chunked_objective_loss, chunked_statistics
+from dopd.objectives.reduction import loss_denominator, reduce_loss, row_weights
+from dopd.objectives.registry import OBJECTIVES, build_objective
+from dopd.objectives.statistics import merge_statistics
+
+NAMES = sorted(OBJECTIVES)
+REDUCTIONS = ("sequence_mean", "token_mean")
+VIEWS = ("student", "priv_student", "teacher", "reference")
+
+
+@dataclass
+class Rollout:
+    """Hidden states ``[B, T, d_view]`` and heads ``[V, d_view]`` of every view, ids and mask ``[B, T]``.
+
+    The privileged student reads the student's own head; the teacher has its own width.
+    """
+
+    hidden: dict[str, Tensor]
+    heads: dict[str, Tensor]
+    ids: Tensor
+    mask: Tensor
+
+    def logits(self, name: str) -> Tensor:
+        """``[B, T, V]`` logits of view ``name``, as the model's head computes them."""
+        return self.hidden[name] @ self.heads[name].T
+
+    def rows(self, start: int, stop: int) -> Rollout:
+        """Sequences ``start:stop`` (a micro-batch); the heads are shared."""
+        hidden = {name: value[start:stop] for name, value in self.hidden.items()}
+        return Rollout(hidden, self.heads, self.ids[start:stop], self.mask[start:stop])
+
+
+def random_rollout(
+    batch, length, vocab, *, seed, dtype=torch.float64, lengths=None, width=16, teacher_extra=4
+) -> Rollout:
+    """Correlated views with logits of standard deviation ~3 and on-policy sampled ids, so that
+    gaps range from tiny to large and every routing group is populated.
+
+    The teacher is wider (``width + teacher_extra``): its logits are a per-token sharpened copy
+    of the privileged student's plus noise from its extra dimensions.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int) -> Tensor:
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+    def uniform(*shape: int) -> Tensor:
+        return torch.rand(shape, generator=generator, dtype=torch.float64)
+
+    student_hidden = normal(batch, length, width)  # [B, T, d]
+    student_head = 3.0 * normal(vocab, width) / math.sqrt(width)  # [V, d]
+    priv_student_hidden = student_hidden + uniform(batch, length, 1) * normal(
+        batch, length, width
+    )  # [B, T, d]
+    sharpness = 0.5 + 1.5 * uniform(batch, length, 1)  # [B, T, 1]
+    teacher_hidden = torch.cat(
+        [sharpness * priv_student_hidden, normal(batch, length, teacher_extra)], -1
+    )  # [B, T, d_T]
+    teacher_head = torch.cat([student_head, normal(vocab, teacher_extra) / 2], -1)  # [V, d_T]
+    hidden = {
+        "student": student_hidden,
+        "priv_student": priv_student_hidden,
+        "teacher": teacher_hidden,
+        "reference": student_hidden + 0.5 * normal(batch, length, width),
+    }
+    heads = {
+        "student": student_head,
+        "priv_student": student_head,
+        "teacher": teacher_head,
+        "reference": student_head + 0.3 * normal(vocab, width),
+    }
+    probs = (student_hidden @ student_head.T).softmax(-1).reshape(-1, vocab)
+    ids = torch.multinomial(probs, 1, generator=generator).reshape(batch, length)  # [B, T]
+    if lengths is None:
+        lengths = torch.randint(0, length + 1, (batch,), generator=generator).tolist()
+    mask = torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [B, T]
+    hidden = {name: value.to(dtype) for name, value in hidden.items()}
+    heads = {name: value.to(dtype) for name, value in heads.items()}
+    heads["priv_student"] = heads["student"]
+    return Rollout(hidden, heads, ids, mask)
+
+
+def _leaves(rollout: Rollout) -> tuple[Tensor, Tensor]:
+    rollout.hidden["student"].requires_grad_(True)
+    rollout.heads["student"].requires_grad_(True)
+    return rollout.hidden["student"], rollout.heads["student"]
+
+
+def _reference(objective, rollout: Rollout, **kwargs):
+    logits = {name: rollout.logits(name) for name in VIEWS}
+    return objective_loss(
+        objective,
+        logits["student"],
+        logits["priv_student"],
+        logits["teacher"],
+        rollout.ids,
+        rollout.mask,
+        reference_logits=logits["reference"],
+        **kwargs,
+    )
+
+
+def _chunked(
+    objective, rollout: Rollout, chunk_size: int, *, denominator=None, **kwargs
+) -> ChunkedOutput:
+    mask = rollout.mask
+    dtype = torch.promote_types(rollout.hidden["student"].dtype, torch.float32)
+    hidden = {name: value[mask] for name, value in rollout.hidden.items()}  # [N, d] each
+    return chunked_objective_loss(
+        objective,
+        hidden["student"],
+        rollout.heads["student"],
+        hidden["priv_student"],
+        hidden["teacher"],
+        rollout.heads["teacher"],
+        rollout.ids[mask],
+        row_weights(mask, objective.config.reduction, denominator, dtype=dtype),
+        reference_hidden=hidden["reference"],
+        reference_head_weight=rollout.heads["reference"],
+        chunk_size=chunk_size,
+        **kwargs,
+    )
+
+
+def _threshold_values(thresholds) -> list[Tensor]:
+    if thresholds is None:
+        return []
+    if isinstance(thresholds, dict):
+        return [torch.as_tensor(thresholds[key]) for key in sorted(thresholds)]
+    return [torch.as_tensor(getattr(thresholds, f.name)) for f in dataclasses.fields(thresholds)]
+
+
+def _assert_same(objective, rollout: Rollout, chunk_size: int, tolerance: float) -> None:
+    """Chunked and reference paths agree on every output and on both gradients."""
+    student_hidden, student_head = _leaves(rollout)
+    reference = _reference(objective, rollout)
+    expected_grads = torch.autograd.grad(reference.loss, (student_hidden, student_head))
+    out = _chunked(objective, rollout, chunk_size)
+    grads = torch.autograd.grad(out.loss, (student_hidden, student_head))
+    close = {"rtol": tolerance, "atol": tolerance}
+    mask = rollout.mask
+    torch.testing.assert_close(out.loss, reference.loss, **close)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, **close)
+    torch.testing.assert_close(out.per_token_loss, reference.per_token_loss[mask], **close)
+    assert torch.equal(out.groups, reference.groups[mask])
+    assert out.statistics.keys() == reference.statistics.keys()
+    for name, value in out.statistics.items():
+        # pruned_opd's key hashes the teacher log-prob's float bits, which any rounding difference
+        # changes (a 1-row chunk is projected by GEMV, the batch by GEMM); it only routes prune="random".
+        if name != "prune_key":
+            torch.testing.assert_close(value, reference.statistics[name][mask], **close)
+    for value, expected in zip(
+        _threshold_values(out.thresholds), _threshold_values(reference.thresholds), strict=True
+    ):
+        torch.testing.assert_close(value, expected, **close)
+    assert out.metrics.keys() == reference.metrics.keys()
+    assert all(
+        math.isclose(out.metrics[k], reference.metrics[k], rel_tol=tolerance, abs_tol=tolerance)
+        for k in out.metrics
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_objective_matches_reference_in_float64(name, reduction):
+    rollout = random_rollout(3, 8, 97, seed=1, lengths=[8, 0, 5])
+    num_rows = int(rollout.mask.sum())
+    objective = build_objective(name, top_k=8, temperature=0.7, reduction=reduction)
+    for chunk_size in (1, 7, num_rows, num_rows + 5):
+        _assert_same(objective, rollout, chunk_size, 1e-10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_objective_matches_reference_in_float32(name):
+    rollout = random_rollout(2, 9, 211, seed=2, dtype=torch.float32, lengths=[9, 6])
+    _assert_same(build_objective(name, top_k=16), rollout, 7, 1e-5)
+
+
+def test_dopd_rollouts_populate_every_regime():
+    # Guards the tests above: top-K and full-vocabulary terms both run in the chunked path.
+    rollout = random_rollout(3, 8, 97, seed=1, lengths=[8, 0, 5])
+    _leaves(rollout)
+    groups = _chunked(build_objective("dopd", top_k=8, temperature=0.7), rollout, 7).groups
+    assert set(groups.tolist()) == {0, 1, 2, 3}
+
+
+def test_tied_head_gets_the_gradient_of_both_uses():
+    generator = torch.Generator().manual_seed(3)
+    vocab, width = 61, 16
+    embedding = torch.randn(vocab, width, generator=generator, dtype=torch.float64).requires_grad_(
+        True
+    )  # [V, d], the head too
+    mix = torch.randn(width, width, generator=generator, dtype=torch.float64) / 4  # [d, d]
+    prompt_ids = torch.randint(0, vocab, (2, 6), generator=generator)  # [B, T]
+    rollout = random_rollout(2, 6, vocab, seed=3, width=width, lengths=[6, 4])
+    objective = build_objective("dopd", top_k=8)
+
+    def tied_model_gradient(loss_of) -> Tensor:
+        # A fresh forward per path: the embedding feeds the hidden states and is the head.
+        rollout.hidden["student"] = torch.tanh(embedding[prompt_ids] @ mix)  # [B, T, d]
+        rollout.heads["student"] = rollout.heads["priv_student"] = embedding
+        return torch.autograd.grad(loss_of(), embedding)[0]
+
+    expected = tied_model_gradient(lambda: _reference(objective, rollout).loss)
+    grad = tied_model_gradient(lambda: _chunked(objective, rollout, 3).loss)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["dopd", "tip", "pruned_opd"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_micro_batches_with_merged_statistics_sum_to_the_full_batch(name, reduction):
+    rollout = random_rollout(4, 7, 83, seed=4, lengths=[7, 3, 0, 6])
+    student_hidden, student_head = _leaves(rollout)
+    objective = build_objective(name, top_k=8, reduction=reduction)
+    reference = _reference(objective, rollout)
+    expected_grads = torch.autograd.grad(reference.loss, (student_hidden, student_head))
+    halves = [rollout.rows(0, 1), rollout.rows(1, 4)]
+    statistics = merge_statistics(_statistics(objective, half, chunk_size=2) for half in halves)
+    for key, value in statistics.items():
+        if key != "prune_key":  # see _assert_same
+            torch.testing.assert_close(
+                value, reference.statistics[key][rollout.mask], rtol=1e-12, atol=1e-12
+            )
+    thresholds = objective.thresholds(statistics)
+    denominator = sum(loss_denominator(half.mask, reduction) for half in halves)
+    loss = sum(
+        _chunked(objective, half, 2, denominator=denominator, thresholds=thresholds).loss
+        for half in halves
+    )
+    torch.testing.assert_close(loss, reference.loss, rtol=1e-10, atol=1e-10)
+    for grad, expected in zip(
+        torch.autograd.grad(loss, (student_hidden, student_head)), expected_grads
+    ):
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10)
+
+
+def _statistics(objective, rollout: Rollout, chunk_size: int) -> dict[str, Tensor]:
+    mask = rollout.mask
+    hidden = {name: value[mask] for name, value in rollout.hidden.items()}
+    return chunked_statistics(
+        objective,
+        hidden["student"],
+        rollout.heads["student"],
+        hidden["priv_student"],
+        hidden["teacher"],
+        rollout.heads["teacher"],
+        rollout.ids[mask],
+        chunk_size=chunk_size,
+    )
+
+
+def test_statistics_of_two_halves_merge_to_one_call():
+    rollout = random_rollout(4, 6, 70, seed=5, lengths=[6, 2, 5, 1])
+    objective = build_objective("dopd")
+    whole = _statistics(objective, rollout, chunk_size=4)
+    merged = merge_statistics(
+        [
+            _statistics(objective, rollout.rows(0, 3), 3),
+            _statistics(objective, rollout.rows(3, 4), 5),
+        ]
+    )
+    assert whole.keys() == merged.keys() == {"advantage_gap", "q_student", "q_teacher"}
+    for key, value in whole.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "name", ["dopd", "tip", "eopd", "exopd", "forward_kl_sampled", "js_full", "pruned_opd"]
+)
+def test_fully_masked_batch_gives_zero_loss_and_zero_gradients(name):
+    rollout = random_rollout(2, 4, 40, seed=6, lengths=[0, 0])
+    student_hidden, student_head = _leaves(rollout)
+    out = _chunked(build_objective(name), rollout, 3)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.per_token_loss.shape == (0,) and out.groups.shape == (0,)
+    assert (student_hidden.grad == 0).all() and (student_head.grad == 0).all()
+    assert all(value.shape == (0,) for value in out.statistics.values())
+    assert all(math.isfinite(value) for value in out.metrics.values())
+
+
+def test_bf16_hidden_states_give_a_float32_loss_close_to_the_reference():
+    rollout = random_rollout(2, 8, 150, seed=7, dtype=torch.bfloat16, lengths=[8, 5])
+    student_hidden, student_head = _leaves(rollout)
+    objective = build_objective("dopd", top_k=16)
+    reference = _reference(objective, rollout)
+    expected_grads = torch.autograd.grad(reference.loss, (student_hidden, student_head))
+    out = _chunked(objective, rollout, 4)
+    grads = torch.autograd.grad(out.loss, (student_hidden, student_head))
+    assert out.loss.dtype == torch.float32 and out.per_token_loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-5, atol=1e-5)
+    for grad, expected in zip(grads, expected_grads):
+        assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
+        # The head's gradient is accumulated over chunks in float32, the reference's in one bf16 matmul.
+        torch.testing.assert_close(grad.float(), expected.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_gradient_reaches_only_the_student():
+    rollout = random_rollout(2, 5, 50, seed=8, lengths=[5, 3])
+    _leaves(rollout)
+    constants = [
+        rollout.hidden[name].requires_grad_(True)
+        for name in ("priv_student", "teacher", "reference")
+    ]
+    constants.append(rollout.heads["teacher"].requires_grad_(True))
+    _chunked(build_objective("exopd", granularity="full"), rollout, 4).loss.backward()
+    _chunked(build_objective("dopd"), rollout, 4).loss.backward()
+    assert all(tensor.grad is None for tensor in constants)
+    assert (
+        rollout.hidden["student"].grad.abs().sum() > 0
+        and rollout.heads["student"].grad.abs().sum() > 0
+    )
+
+
+def test_no_grad_mode_returns_the_value_without_a_graph():
+    rollout = random_rollout(2, 5, 50, seed=9, lengths=[5, 3])
+    _leaves(rollout)
+    objective = build_objective("dopd")
+    with torch.no_grad():
+        out = _chunked(objective, rollout, 4)
+        expected = _reference(objective, rollout).loss
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_no_projection_is_larger_than_a_chunk(monkeypatch):
+    rollout = random_rollout(3, 8, 97, seed=10, lengths=[8, 8, 8])
+    _leaves(rollout)
+    projected_rows = []
+    original = chunked.Head.logits
+
+    def recording(self, rows):
+        logits = original(self, rows)
+        projected_rows.append(logits.shape[0])
+        return logits
+
+    monkeypatch.setattr(chunked.Head, "logits", recording)
+    _chunked(build_objective("dopd"), rollout, 5).loss.backward()
+    # Statistics pass: 2 views x 5 chunks; loss pass: 3 views x 5 chunks.
+    assert len(projected_rows) == 25 and max(projected_rows) == 5
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(
+        ["dopd", "tip", "eopd", "exopd", "gkd", "js_full", "forward_kl_sampled", "pruned_opd"]
+    ),
+    reduction=st.sampled_from(REDUCTIONS),
+    lengths=st.lists(st.integers(0, 6), min_size=1, max_size=3),
+    vocab=st.integers(2, 40),
+    top_k=st.integers(1, 45),
+    support=st.sampled_from(("student", "teacher", "union")),
+    tail=st.booleans(),
+    chunk_size=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_matches_reference_over_shapes_masks_and_chunks(
+    name, reduction, lengths, vocab, top_k, support, tail, chunk_size, seed
+):
+    rollout = random_rollout(
+        len(lengths), 6, vocab, seed=seed, lengths=lengths, width=8, teacher_extra=3
+    )
+    objective = build_objective(
+        name, top_k=top_k, topk_support=support, topk_tail=tail, reduction=reduction
+    )
+    _assert_same(objective, rollout, chunk_size, 1e-10)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("step_denominator", [None, 11])
+def test_row_weights_reduce_like_reduce_loss(reduction, step_denominator, seed):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(5, 7, generator=generator) < 0.6  # [B, T]
+    mask[2] = False
+    per_token = torch.rand(5, 7, generator=generator, dtype=torch.float64)  # [B, T]
+    weights = row_weights(mask, reduction, step_denominator, dtype=torch.float64)
+    assert weights.shape == (int(mask.sum()),) and weights.dtype == torch.float64
+    expected = reduce_loss(per_token, mask, reduction, step_denominator)
+    torch.testing.assert_close((weights * per_token[mask]).sum(), expected, rtol=1e-14, atol=0)
+
+
+def test_errors_say_what_is_wrong():
+    rollout = random_rollout(1, 4, 30, seed=11, lengths=[4])
+    hidden = {name: value[rollout.mask] for name, value in rollout.hidden.items()}
+    ids, weights = rollout.ids[rollout.mask], torch.ones(4)
+    objective = build_objective("dopd")
+    head, teacher_head = rollout.heads["student"], rollout.heads["teacher"]
+    with pytest.raises(ValueError, match="needs priv_student_hidden"):
+        chunked_objective_loss(
+            objective, hidden["student"], head, None, hidden["teacher"], teacher_head, ids, weights
+        )
+    with pytest.raises(ValueError, match="vocabulary size mismatch"):
+        chunked_objective_loss(
+            objective,
+            hidden["student"],
+            head,
+            hidden["priv_student"],
+            hidden["teacher"],
+            teacher_head[:-1],
+            ids,
+            weights,
+        )
+    with pytest.raises(ValueError, match=r"teacher_hidden must be \[N, d\]"):
+        chunked_objective_loss(
+            objective,
+            hidden["student"],
+            head,
+            hidden["priv_student"],
+            hidden["student"],
+            teacher_head,
+            ids,
+            weights,
+        )
+    with pytest.raises(ValueError, match="row_weights must be"):
+        chunked_objective_loss(
+            objective,
+            hidden["student"],
+            head,
+            hidden["priv_student"],
+            hidden["teacher"],
+            teacher_head,
+            ids,
+            weights[:2],
+        )
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        chunked_objective_loss(
+            objective,
+            hidden["student"],
+            head,
+            hidden["priv_student"],
+            hidden["teacher"],
+            teacher_head,
+            ids,
+            weights,
+            chunk_size=0,
+        )
+
+
+def test_outputs_have_documented_shapes():
+    documented = " ".join(inspect.getdoc(ChunkedOutput).split())
+    for text in ("loss: 0-d", "per_token_loss: ``[N]``", "groups: ``[N]`` long", "name -> ``[N]``"):
+        assert text in documented, text
+    assert "``[N]`` float weights" in " ".join(inspect.getdoc(row_weights).split())
+    rollout = random_rollout(2, 5, 30, seed=12, lengths=[5, 2])
+    _leaves(rollout)
+    out = _chunked(build_objective("dopd"), rollout, 3)
+    assert out.loss.shape == () and out.per_token_loss.shape == (7,) and out.groups.shape == (7,)
+    assert out.groups.dtype == torch.long and all(
+        value.shape == (7,) for value in out.statistics.values()
+    )
