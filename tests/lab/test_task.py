@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import textwrap
+import zlib
 from collections import Counter
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from dopd.data import DEFAULT_PRIVILEGED_TEMPLATE, Example, privileged_prompt
 from dopd.errors import ConfigError
 from dopd.lab.arithmetic import PlanArithmetic
-from dopd.lab.task import HINT_FORMS, Problem, Task, load_task, task_names
+from dopd.lab.task import HINT_FORMS, Problem, Task, load_task, split_of, task_names
 from dopd.tiny import build_char_tokenizer
 
 TASK = PlanArithmetic()
@@ -29,9 +30,12 @@ def operands(problem: Problem) -> tuple[int, int, int]:
     return a, b, c
 
 
+def reference_plan(a: int, b: int, c: int) -> int:
+    return sum(map(int, f"{a}{c}")) % 3
+
+
 def reference_answer(a: int, b: int, c: int) -> int:
-    plan = sum(map(int, f"{a}{b}{c}")) % 3
-    return eval(FORMULAS[plan], {}, {"a": a, "b": b, "c": c})
+    return eval(FORMULAS[reference_plan(a, b, c)], {}, {"a": a, "b": b, "c": c})
 
 
 def numbers(text: str) -> list[int]:
@@ -49,9 +53,46 @@ def test_generation_is_deterministic_by_seed(seed):
     assert TASK.problems(seed, 30) != TASK.problems(seed + 1, 30)
 
 
+@settings(max_examples=10, deadline=None)
+@given(SEEDS)
+def test_splits_partition_prompts_by_a_stable_hash(seed):
+    def is_test(problem: Problem) -> bool:
+        return zlib.crc32(problem.prompt.encode()) % 8 == 0
+
+    assert all(is_test(problem) for problem in TASK.problems(seed, 40, split="test"))
+    assert not any(is_test(problem) for problem in TASK.problems(seed, 40, split="train"))
+    assert TASK.examples(seed, 5, "answer", split="test") == TASK.examples(
+        seed, 5, "answer", split="test"
+    )
+    assert all(
+        split_of(problem.prompt) == ("test" if is_test(problem) else "train")
+        for problem in TASK.problems(seed, 40)
+    )
+
+
+def test_test_split_is_about_one_prompt_in_eight():
+    prompts = {f"{a},{b},{c}=" for a in range(20, 50) for b in range(10, 40) for c in range(2, 10)}
+    share = sum(split_of(prompt) == "test" for prompt in prompts) / len(prompts)
+    assert 0.10 < share < 0.15
+    with pytest.raises(ConfigError, match="split='valid'"):
+        TASK.problems(0, 1, split="valid")
+
+
+def test_a_task_too_small_to_split_raises():
+    class Constant(Task):
+        name, characters = "constant", "x"
+
+        def problem(self, rng: random.Random) -> Problem:
+            return Problem("x", "x", "x", {form: "x" for form in self.hint_forms})
+
+    other = "train" if zlib.crc32(b"x") % 8 == 0 else "test"
+    with pytest.raises(ConfigError, match=f"no '{other}' prompt"):
+        Constant().problems(0, 1, split=other)
+
+
 def test_plans_are_balanced_and_operands_in_range():
     problems = TASK.problems(0, 3000)
-    plans = Counter(sum(map(int, "".join(map(str, operands(p))))) % 3 for p in problems)
+    plans = Counter(reference_plan(*operands(problem)) for problem in problems)
     assert all(800 < count < 1200 for count in plans.values())
     for problem in problems:
         a, b, c = operands(problem)
@@ -110,7 +151,7 @@ def test_hint_forms_hold_what_they_promise():
     # The summary alone determines the plan: one summary per reference formula.
     summaries = {}
     for candidate in TASK.problems(0, 300):
-        plan = sum(map(int, "".join(map(str, operands(candidate))))) % 3
+        plan = reference_plan(*operands(candidate))
         summaries.setdefault(candidate.hints["summary"], set()).add(plan)
     assert len(summaries) == 3 and all(len(plans) == 1 for plans in summaries.values())
 

@@ -1,30 +1,30 @@
 """The default lab task: two-step arithmetic whose plan is hidden in the operands.
 
-A prompt gives three operands, ``"37,25,4="``. One of three plans applies:
+A prompt gives three operands ``a,b,c=``. One of three plans applies; on ``37,25,5=``:
 
-| plan | result | solution for 37,25,4 | decomposition hint |
+| plan | result | solution | decomposition hint |
 |---|---|---|---|
-| 0 | ``a + b*c`` | ``25*4=100,37+100=137\\n137`` | ``mul 25 4, then add 37`` |
-| 1 | ``(a+b) * c`` | ``37+25=62,62*4=248\\n248`` | ``add 37 25, then mul 4`` |
-| 2 | ``a*c - b`` | ``37*4=148,148-25=123\\n123`` | ``mul 37 4, then sub 25`` |
+| 0 | ``a + b*c`` | ``25*5=125,37+125=162\\n162`` | ``mul 25 5, then add 37`` |
+| 1 | ``(a+b) * c`` | ``37+25=62,62*5=310\\n310`` | ``add 37 25, then mul 5`` |
+| 2 | ``a*c - b`` | ``37*5=185,185-25=160\\n160`` | ``mul 37 5, then sub 25`` |
 
-Which plan applies is the digit sum of the operands modulo 3 (37,25,4: 3+7+2+5+4 = 21 -> plan 0).
-The task holds both gaps the DOPD paper separates:
+Which plan applies is the digit sum of ``a`` and ``c`` modulo 3 (``37,25,5``: 3+7+5 = 15 ->
+plan 0); ``b`` plays no part. The task holds both gaps the DOPD paper separates:
 
-- **information gap**: the plan is a modular function of all five digits, which a tiny model
-  struggles to infer from ``x``; any hint that names the plan makes it trivial;
+- **information gap**: the plan is a modular function of three digits (240 operand pairs), which
+  the teacher learns from ``x`` in its pretraining budget and the smaller student mostly does not;
+  any hint that names the plan makes it trivial;
 - **capability gap**: the scratchpad multiplies a two-digit number by a digit and adds or
   subtracts multi-digit numbers, which a larger model executes more reliably even with the hint.
 
 Operands: ``a`` in 20..49, ``b`` in 10..39, ``c`` in 2..9, so ``a*c >= 40 > b`` keeps plan 2
-non-negative. The other hint forms for 37,25,4: answer ``137``; execution
-``25*4=100,37+100=137``; summary ``mul then add``; none ``no hint``.
+non-negative. The other hint forms for ``37,25,5=``: answer ``162``; execution
+``25*5=125,37+125=162``; summary ``mul then add``; none ``no hint``.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from dopd.lab.task import Problem, Task
@@ -34,21 +34,22 @@ NO_HINT = "no hint"
 
 @dataclass(frozen=True)
 class Plan:
-    """One operation order: its two scratchpad steps and its hints, given operands a, b, c.
+    """One operation order: two scratchpad steps and the plan's hints.
 
-    ``steps(a, b, c)`` returns ``(first, second)``, each ``(left, operator, right)`` where the
-    second step's ``None`` stands for the first step's result.
+    A step is three characters, ``left operator right``, over the operands ``a``, ``b``, ``c``
+    and ``r``, the result of the first step.
     """
 
-    steps: Callable[[int, int, int], tuple[tuple, tuple]]
-    decomposition: str  # format string over a, b, c: no computed number, no answer
+    first: str
+    second: str
+    decomposition: str  # format string over a, b, c: operands only, no computed number
     summary: str
 
 
 PLANS = (
-    Plan(lambda a, b, c: ((b, "*", c), (a, "+", None)), "mul {b} {c}, then add {a}", "mul then add"),
-    Plan(lambda a, b, c: ((a, "+", b), (None, "*", c)), "add {a} {b}, then mul {c}", "add then mul"),
-    Plan(lambda a, b, c: ((a, "*", c), (None, "-", b)), "mul {a} {c}, then sub {b}", "mul then sub"),
+    Plan("b*c", "a+r", "mul {b} {c}, then add {a}", "mul then add"),
+    Plan("a+b", "r*c", "add {a} {b}, then mul {c}", "add then mul"),
+    Plan("a*c", "r-b", "mul {a} {c}, then sub {b}", "mul then sub"),
 )
 OPERATIONS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
 
@@ -57,24 +58,27 @@ def digit_sum(*numbers: int) -> int:
     return sum(int(digit) for number in numbers for digit in str(number))
 
 
-def plan_index(a: int, b: int, c: int) -> int:
-    """The rule hidden in ``x``: the digit sum of the operands modulo the number of plans."""
-    return digit_sum(a, b, c) % len(PLANS)
+def plan_index(a: int, c: int) -> int:
+    """The rule hidden in ``x``: the digit sum of ``a`` and ``c`` modulo the number of plans.
+
+    ``b`` is left out so that a model can learn the rule as a 240-entry table: the teacher does
+    within its pretraining budget, the student mostly does not (all five digits proved beyond both).
+    """
+    return digit_sum(a, c) % len(PLANS)
 
 
 def scratchpad(plan: Plan, a: int, b: int, c: int) -> tuple[str, int]:
-    """The worked execution (``"25*4=100,37+100=137"``) and the final result."""
-    lines, result = [], None
-    for left, operator, right in plan.steps(a, b, c):
-        left = result if left is None else left
-        right = result if right is None else right
-        result = OPERATIONS[operator](left, right)
-        lines.append(f"{left}{operator}{right}={result}")
+    """The worked execution (``"25*5=125,37+125=162"``) and the final result."""
+    values, lines = {"a": a, "b": b, "c": c}, []
+    for left, operator, right in (plan.first, plan.second):
+        result = OPERATIONS[operator](values[left], values[right])
+        lines.append(f"{values[left]}{operator}{values[right]}={result}")
+        values["r"] = result
     return ",".join(lines), result
 
 
 class PlanArithmetic(Task):
-    """Two-step arithmetic; the operation order is the digit sum of the operands mod 3."""
+    """Two-step arithmetic; the operation order is the digit sum of ``a`` and ``c`` mod 3."""
 
     name = "arithmetic"
     # Digits and operators of prompts and scratchpads, then the letters of the hint words.
@@ -82,7 +86,7 @@ class PlanArithmetic(Task):
 
     def problem(self, rng: random.Random) -> Problem:
         a, b, c = rng.randint(20, 49), rng.randint(10, 39), rng.randint(2, 9)
-        plan = PLANS[plan_index(a, b, c)]
+        plan = PLANS[plan_index(a, c)]
         execution, result = scratchpad(plan, a, b, c)
         answer = str(result)
         hints = {

@@ -5,7 +5,8 @@ prediction on the task's solutions (loss on solution tokens and the closing EOS 
 training prompts are plain, half carry a privileged context through ``DEFAULT_PRIVILEGED_TEMPLATE``
 (mostly the default hint, the rest spread over the other hint forms), so both models answer with
 and without hints. The teacher is wider, deeper and trained longer, so it is the stronger of the
-two at equal information. Held-out problems (never trained on) measure greedy accuracy per view.
+two at equal information. Training draws only the task's ``"train"`` split; held-out problems from
+the ``"test"`` split (never trained on) measure greedy accuracy per view.
 
     report = main_pretrain("arithmetic", "out/pair", seed=0)   # what `dopd pretrain` runs
     teacher = AutoModelForCausalLM.from_pretrained(lab_model_dir("arithmetic") / "teacher")
@@ -49,8 +50,8 @@ class ModelRecipe:
     learning_rate: float
 
 
-TEACHER = ModelRecipe(128, 4, 4, 2, 384, steps=1500, learning_rate=2e-3)
-STUDENT = ModelRecipe(48, 2, 4, 2, 128, steps=800, learning_rate=2e-3)
+TEACHER = ModelRecipe(128, 4, 4, 2, 384, steps=1200, learning_rate=2e-3)
+STUDENT = ModelRecipe(64, 2, 4, 2, 128, steps=1600, learning_rate=2e-3)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class PretrainOptions:
     weight_decay: float = 0.01
     eval_problems: int = 256
     eval_batch_size: int = 128
+    # One thread: results do not depend on the machine's core count, and a small shared CPU is
+    # not oversubscribed (two threads next to other work ran 3-7x slower than one).
+    threads: int = 1
     progress: bool = True
 
 
@@ -91,24 +95,44 @@ def pretrain_pair(
     """Train, evaluate and save a teacher and a student for ``task``; deterministic by ``seed``.
 
     Returns the report written to ``output_dir/pretrain.json``: per model its recipe, parameter
-    count and held-out greedy accuracy per view (``no_hint`` and every hint form).
+    count, training time and held-out greedy accuracy per view: ``no_hint`` is the plain prompt,
+    every hint form (``none`` included) the privileged prompt with that form's context.
     """
-    start = time.perf_counter()
-    output = Path(output_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        return _pretrain_pair(task, Path(output_dir), seed, teacher, student, options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain_pair(
+    task: Task,
+    output: Path,
+    seed: int,
+    teacher: ModelRecipe,
+    student: ModelRecipe,
+    options: PretrainOptions,
+) -> dict:
+    start, cpu_start = time.perf_counter(), time.process_time()
     tokenizer = build_char_tokenizer(task.characters)
-    held_out = task.problems(seed + EVAL_SEED_OFFSET, options.eval_problems)
-    report = {"task": task.name, "seed": seed, "options": asdict(options)}
+    held_out = task.problems(seed + EVAL_SEED_OFFSET, options.eval_problems, split="test")
+    report = {"task": task.name, "seed": seed, "eval_split": "test", "options": asdict(options)}
     for role, recipe, model_seed in (("teacher", teacher, seed), ("student", student, seed + 1)):
         model = build_model(recipe, tokenizer, model_seed)
-        train(model, tokenizer, task, recipe, options, seed=seed, held_out=held_out, label=role)
+        train_start = time.perf_counter()
+        train(model, tokenizer, task, recipe, options, seed=seed, label=role)
         report[role] = {
             **asdict(recipe),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
+            "train_time_s": round(time.perf_counter() - train_start, 1),
             "accuracy": accuracy_by_view(model, tokenizer, task, held_out, options),
         }
         model.save_pretrained(output / role)
         tokenizer.save_pretrained(output / role)
     report["wall_time_s"] = round(time.perf_counter() - start, 1)
+    # CPU time next to wall time: on a shared machine the wall time measures the neighbours too.
+    report["cpu_time_s"] = round(time.process_time() - cpu_start, 1)
     (output / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -122,7 +146,6 @@ def build_model(recipe: ModelRecipe, tokenizer, seed: int):
         num_attention_heads=recipe.num_attention_heads,
         num_key_value_heads=recipe.num_key_value_heads,
         intermediate_size=recipe.intermediate_size,
-        max_position_embeddings=256,
         seed=seed,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -134,11 +157,19 @@ def build_model(recipe: ModelRecipe, tokenizer, seed: int):
 # Training
 
 
-def train(model, tokenizer, task: Task, recipe: ModelRecipe, options: PretrainOptions, *,
-          seed: int, held_out: list[Problem], label: str) -> None:
-    """``recipe.steps`` AdamW steps of solution-token cross-entropy, warmup then cosine decay."""
+def train(
+    model,
+    tokenizer,
+    task: Task,
+    recipe: ModelRecipe,
+    options: PretrainOptions,
+    *,
+    seed: int,
+    label: str,
+) -> None:
+    """``recipe.steps`` AdamW steps of solution-token cross-entropy on ``"train"`` problems,
+    warmup then cosine decay."""
     rng = random.Random(seed)
-    excluded = {problem.prompt for problem in held_out}
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.learning_rate, weight_decay=options.weight_decay
     )
@@ -148,7 +179,7 @@ def train(model, tokenizer, task: Task, recipe: ModelRecipe, options: PretrainOp
     model.train()
     bar = tqdm(range(recipe.steps), desc=f"pretrain {label}", disable=not options.progress)
     for _ in bar:
-        rows = [training_row(task, rng, options, excluded) for _ in range(options.batch_size)]
+        rows = [training_row(task, rng, options) for _ in range(options.batch_size)]
         loss = model(**collate(rows, tokenizer)).loss
         loss.backward()
         # Clipping keeps the first steps of a from-scratch model at a high lr from diverging.
@@ -168,18 +199,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def training_row(task: Task, rng: random.Random, options: PretrainOptions,
-                 excluded: set[str]) -> tuple[str, str]:
-    """One ``(prompt text, solution)`` pair: a fresh problem not in ``excluded``, shown plain or
-    with one of its hints."""
-    problem = task.problem(rng)
-    while problem.prompt in excluded:
-        problem = task.problem(rng)
-    draw = rng.random()
-    if draw < options.plain_share:
+def training_row(task: Task, rng: random.Random, options: PretrainOptions) -> tuple[str, str]:
+    """One ``(prompt text, solution)`` pair: a fresh ``"train"`` problem, shown plain or with one
+    of its hints."""
+    problem = task.draw(rng, "train")
+    roll = rng.random()
+    if roll < options.plain_share:
         return problem.prompt, problem.solution
     others = [form for form in task.hint_forms if form != task.default_hint]
-    hinted_share = (draw - options.plain_share) / (1.0 - options.plain_share)
+    hinted_share = (roll - options.plain_share) / (1.0 - options.plain_share)
     default_share = options.default_hint_share / (1.0 - options.plain_share)
     form = task.default_hint if hinted_share < default_share or not others else rng.choice(others)
     example = Example(problem.prompt, problem.hints[form], problem.answer)
@@ -213,8 +241,9 @@ def collate(rows: list[tuple[str, str]], tokenizer) -> dict[str, torch.Tensor]:
 # Evaluation
 
 
-def accuracy_by_view(model, tokenizer, task: Task, problems: list[Problem],
-                     options: PretrainOptions) -> dict[str, float]:
+def accuracy_by_view(
+    model, tokenizer, task: Task, problems: list[Problem], options: PretrainOptions
+) -> dict[str, float]:
     """Greedy held-out accuracy on plain prompts (``no_hint``) and with each hint form."""
     views = {NO_HINT: [problem.prompt for problem in problems]}
     for form in task.hint_forms:
@@ -227,13 +256,23 @@ def accuracy_by_view(model, tokenizer, task: Task, problems: list[Problem],
     }
 
 
-def view_accuracy(model, tokenizer, task: Task, prompts: list[str], problems: list[Problem],
-                  options: PretrainOptions) -> float:
+def view_accuracy(
+    model,
+    tokenizer,
+    task: Task,
+    prompts: list[str],
+    problems: list[Problem],
+    options: PretrainOptions,
+) -> float:
     """Fraction of ``prompts`` whose greedy completion ``task.verify`` accepts."""
     prompt_ids = [tokenize_prompt(prompt, tokenizer) for prompt in prompts]
     answers = [problem.answer for problem in problems]
     return evaluate(
-        model, tokenizer, prompt_ids, answers, verifier=task.verify,
+        model,
+        tokenizer,
+        prompt_ids,
+        answers,
+        verifier=task.verify,
         max_new_tokens=completion_budget(problems, tokenizer),
         batch_size=options.eval_batch_size,
     ).accuracy
@@ -241,5 +280,7 @@ def view_accuracy(model, tokenizer, task: Task, prompts: list[str], problems: li
 
 def completion_budget(problems: list[Problem], tokenizer) -> int:
     """Tokens a greedy completion may use: the longest solution, its EOS, and a little slack."""
-    longest = max(len(tokenizer(p.solution, add_special_tokens=False)["input_ids"]) for p in problems)
+    longest = max(
+        len(tokenizer(p.solution, add_special_tokens=False)["input_ids"]) for p in problems
+    )
     return longest + 4

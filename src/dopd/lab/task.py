@@ -27,14 +27,17 @@ Adding a task, without editing dopd — write a file outside the package::
             word = "".join(rng.choice("abc") for _ in range(4))
             hints = {form: "reversed" for form in self.hint_forms}
             hints.update(answer=word[::-1], none="no hint")
-            return Problem(prompt=f"{word}>", solution=f"{word[::-1]}", answer=word[::-1],
-                           hints=hints)
+            return Problem(prompt=f"{word}>", solution=word[::-1], answer=word[::-1], hints=hints)
 
 and name it as ``my_tasks.py:Reverse`` wherever a task is expected (``load_task``, the lab
-config, ``dopd pretrain``). Rules a task must keep:
+config, ``dopd pretrain``). A task defines ``name``, ``characters`` and ``problem``; it may
+override ``verify``, ``hint_forms`` and ``default_hint``. Rules a task must keep:
 
 - ``problem`` is a pure function of the generator's state, so ``examples(seed, n)`` is the same on
   every run; every hint form of ``hint_forms`` has a non-blank entry in ``Problem.hints``;
+- the prompt space is large enough that ``split_of`` (a stable hash of the prompt, one in 8 to
+  ``"test"``) leaves test prompts to draw: pretraining sees only ``"train"`` prompts, so held-out
+  evaluations should draw ``examples(seed, n, split="test")``;
 - ``characters`` covers every character of prompts, hints and solutions (the lab's character
   tokenizer maps anything else to ``<unk>``), ``"\\n"`` included;
 - ``verify(completion, answer)`` decides correctness; the default is ``exact_match`` (the last
@@ -47,6 +50,7 @@ import importlib.util
 import inspect
 import random
 import sys
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +60,19 @@ from dopd.errors import ConfigError
 from dopd.evaluation import exact_match
 
 HINT_FORMS = ("decomposition", "answer", "execution", "summary", "none")
+SPLITS = ("train", "test")
+TEST_SPLIT_MODULUS = 8  # one prompt in 8 belongs to the test split
+MAX_REDRAWS = 10_000  # a task whose prompts all hash to one side fails instead of hanging
+
+
+def split_of(prompt: str) -> str:
+    """``"test"`` for about one prompt in ``TEST_SPLIT_MODULUS``, else ``"train"``.
+
+    The split is a stable hash of the prompt text, so a problem never changes sides across seeds,
+    runs or consumers: pretraining draws only ``"train"`` prompts, and any evaluation that draws
+    ``"test"`` prompts measures problems no pretrained model has seen.
+    """
+    return "test" if zlib.crc32(prompt.encode("utf-8")) % TEST_SPLIT_MODULUS == 0 else "train"
 
 
 @dataclass(frozen=True)
@@ -91,19 +108,36 @@ class Task(ABC):
         """Whether ``completion`` solves the problem whose reference answer is ``answer``."""
         return exact_match(completion, answer)
 
-    def problems(self, seed: int, count: int) -> list[Problem]:
-        """``count`` problems, the same for the same ``seed``."""
+    def problems(self, seed: int, count: int, *, split: str | None = None) -> list[Problem]:
+        """``count`` problems, the same for the same ``seed``; with ``split``, only problems whose
+        prompt ``split_of`` puts on that side (None: any problem)."""
+        if split is not None and split not in SPLITS:
+            raise ConfigError(f"split={split!r} is not a split; use one of {SPLITS} or None")
         rng = random.Random(seed)
-        return [self.problem(rng) for _ in range(count)]
+        return [self.draw(rng, split) for _ in range(count)]
 
-    def examples(self, seed: int, count: int, hint_form: str | None = None) -> list[Example]:
-        """``problems(seed, count)`` as training/evaluation examples whose privileged context is
-        the ``hint_form`` hint (``default_hint`` when None)."""
+    def draw(self, rng: random.Random, split: str | None = None) -> Problem:
+        """One problem from ``rng``, redrawn until its prompt lies in ``split`` (None: any)."""
+        for _ in range(MAX_REDRAWS):
+            problem = self.problem(rng)
+            if split is None or split_of(problem.prompt) == split:
+                return problem
+        raise ConfigError(
+            f"task {self.name!r} drew no {split!r} prompt in {MAX_REDRAWS} tries; "
+            "its prompt space is too small to split, make it larger"
+        )
+
+    def examples(
+        self, seed: int, count: int, hint_form: str | None = None, *, split: str | None = None
+    ) -> list[Example]:
+        """``problems(seed, count, split=split)`` as training/evaluation examples whose
+        privileged context is the ``hint_form`` hint (``default_hint`` when None)."""
         form = self.check_hint_form(hint_form or self.default_hint)
         return [
-            Example(prompt=problem.prompt, privileged_context=problem.hints[form],
-                    answer=problem.answer)
-            for problem in self.problems(seed, count)
+            Example(
+                prompt=problem.prompt, privileged_context=problem.hints[form], answer=problem.answer
+            )
+            for problem in self.problems(seed, count, split=split)
         ]
 
     def check_hint_form(self, hint_form: str) -> str:

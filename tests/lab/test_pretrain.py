@@ -1,0 +1,153 @@
+"""Tests of dopd.lab.pretrain: batches, prompt mix, a tiny end-to-end pretraining run, and the
+shipped checkpoints of the default task."""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dopd.data import DEFAULT_PRIVILEGED_TEMPLATE
+from dopd.lab.arithmetic import PlanArithmetic
+from dopd.lab.pretrain import (
+    EVAL_SEED_OFFSET,
+    ModelRecipe,
+    PretrainOptions,
+    collate,
+    lab_model_dir,
+    pretrain_pair,
+    training_row,
+    warmup_cosine,
+)
+from dopd.tiny import build_char_tokenizer
+
+TASK = PlanArithmetic()
+TOKENIZER = build_char_tokenizer(TASK.characters)
+TINY = ModelRecipe(16, 1, 2, 1, 32, steps=3, learning_rate=1e-3)
+TINY_OPTIONS = PretrainOptions(
+    batch_size=4, warmup_steps=1, eval_problems=4, eval_batch_size=4, progress=False
+)
+MODEL_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+def test_collate_labels_only_the_solution_and_eos():
+    batch = collate([("12,34,5=", "1\n2"), ("1=", "3")], TOKENIZER)
+    bos, eos, pad = TOKENIZER.bos_token_id, TOKENIZER.eos_token_id, TOKENIZER.pad_token_id
+    char = {c: TOKENIZER.convert_tokens_to_ids(c) for c in "12345,=\n"}
+    first = [bos, *(char[c] for c in "12,34,5="), char["1"], char["\n"], char["2"], eos]
+    second = [bos, char["1"], char["="], char["3"], eos] + [pad] * 8
+    assert batch["input_ids"].tolist() == [first, second]
+    assert batch["attention_mask"].tolist() == [[1] * 13, [1] * 5 + [0] * 8]
+    assert batch["labels"].tolist() == [
+        [-100] * 9 + first[9:],
+        [-100] * 3 + [char["3"], eos] + [-100] * 8,
+    ]
+
+
+def test_training_rows_mix_plain_and_hinted_prompts():
+    rng, options = random.Random(0), PretrainOptions()
+    rows = [training_row(TASK, rng, options) for _ in range(4000)]
+    prompts = [prompt.split("\n\n") for prompt, _ in rows]
+    # Pretraining never sees a test prompt (crc32 % 8 == 0 is the test split).
+    assert all(zlib.crc32(parts[0].encode()) % 8 for parts in prompts)
+    assert abs(sum(len(parts) == 1 for parts in prompts) / len(rows) - 0.5) < 0.03
+    hints = [parts[1] for parts in prompts if len(parts) == 2]
+    decomposition = [hint for hint in hints if "then" in hint and any(c.isdigit() for c in hint)]
+    assert abs(len(decomposition) / len(rows) - 0.3) < 0.03
+    assert {"no hint", "mul then add"} <= set(hints)  # other forms are shown too
+
+
+def test_warmup_cosine_endpoints():
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(10, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100) == pytest.approx(0.55)
+    assert warmup_cosine(100, 10, 100) == pytest.approx(0.1)
+
+
+def run_tiny(output: Path, seed: int) -> dict:
+    return pretrain_pair(TASK, output, seed=seed, teacher=TINY, student=TINY, options=TINY_OPTIONS)
+
+
+def test_tiny_pretrain_writes_loadable_pair(tmp_path):
+    report = run_tiny(tmp_path, seed=0)
+    assert json.loads((tmp_path / "pretrain.json").read_text()) == report
+    assert {"task", "seed", "options", "teacher", "student", "wall_time_s", "cpu_time_s"} <= set(report)
+    for role in ("teacher", "student"):
+        assert MODEL_FILES <= {path.name for path in (tmp_path / role).iterdir()}
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / role)
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / role)
+        entry = report[role]
+        assert model.config.hidden_size == TINY.hidden_size and entry["steps"] == TINY.steps
+        assert entry["parameters"] == sum(parameter.numel() for parameter in model.parameters())
+        assert set(entry["accuracy"]) == {"no_hint", *TASK.hint_forms}
+        assert all(0.0 <= value <= 1.0 for value in entry["accuracy"].values())
+        text = DEFAULT_PRIVILEGED_TEMPLATE.format(prompt="37,25,5=", privileged_context="no hint")
+        ids = tokenizer(text)["input_ids"]
+        assert ids == TOKENIZER(text)["input_ids"]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_pretrain_is_deterministic_by_seed(tmp_path):
+    weights = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        run_tiny(tmp_path / name, seed=seed)
+        weights[name] = load_file(tmp_path / name / "student" / "model.safetensors")
+    assert all(torch.equal(weights["a"][key], weights["b"][key]) for key in weights["a"])
+    assert not all(torch.equal(weights["a"][key], weights["c"][key]) for key in weights["a"])
+
+
+# -- shipped checkpoints ------------------------------------------------------------------------
+
+SHIPPED = lab_model_dir("arithmetic")
+
+
+def test_lab_model_dir_is_inside_the_package():
+    import dopd.lab
+
+    assert SHIPPED == Path(dopd.lab.__file__).parent / "checkpoints" / "arithmetic"
+
+
+def test_shipped_checkpoints_are_complete_and_small():
+    for role in ("teacher", "student"):
+        assert MODEL_FILES <= {path.name for path in (SHIPPED / role).iterdir()}
+    size = sum(path.stat().st_size for path in SHIPPED.rglob("*") if path.is_file())
+    assert size <= 6 * 2**20
+
+
+def greedy_accuracy(role: str, prompts: list[str], answers: list[str]) -> float:
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED / role).eval()
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED / role)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        output = model.generate(
+            **batch, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    completions = tokenizer.batch_decode(
+        output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    # Scored by hand, not by the task's verifier: the last line must be the answer.
+    return sum(
+        completion.strip().split("\n")[-1] == answer
+        for completion, answer in zip(completions, answers)
+    ) / len(answers)
+
+
+def test_shipped_teacher_beats_shipped_student_without_hints():
+    seed = json.loads((SHIPPED / "pretrain.json").read_text())["seed"]
+    problems = TASK.problems(seed + EVAL_SEED_OFFSET, 64, split="test")  # never pretrained on
+    prompts, answers = [p.prompt for p in problems], [p.answer for p in problems]
+    assert greedy_accuracy("teacher", prompts, answers) > greedy_accuracy(
+        "student", prompts, answers
+    )
