@@ -22,8 +22,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dopd.config import TrainConfig, from_dict  # noqa: E402
-from dopd.trainer import Trainer  # noqa: E402
+from dopd.config import TrainConfig, from_dict
+from dopd.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("time/generation", "time/scoring", "time/forward_backward", "time/step")

@@ -103,7 +103,7 @@ def _write_outputs(summary: dict, results: list[RunResult], context: dict, comma
     routed = next((r for r in results if any(k == "fraction/HT" for k in r.records[0])), None)
     if routed is not None:
         plot_regimes(routed.records, output_dir / "regimes.png", title=f"{routed.method}: regime fractions")
-        examples = context["task"].examples(DATA_SEEDS["test"], 12)
+        examples = context["task"].examples(DATA_SEEDS["test"], 12, split="test")
         records = rollout_records(str(Path(routed.run_dir) / "model"), str(context["model_dir"] / "teacher"), context["task"], examples, max_completion_length=settings.max_completion_length)
         write_rollouts_html(records, output_dir / "tokens.html", title=f"{routed.method}: held-out rollouts of the trained student")
     (output_dir / "report.md").write_text(markdown_report(summary, command, context))
@@ -131,8 +131,8 @@ def markdown_report(summary: dict, command: str, context: dict) -> str:
         markdown_table(summary), "",
     ]
     if summary["lr_tuning"]:
-        lines += [f"Learning rates: each method trained at each of {list(settings.lr_grid)} on seed {settings.seeds[0]} (the same budget for every method); "
-                  "the rate with the best final validation accuracy was kept, and that run is the method's seed-0 result (test accuracy played no part in the choice):", ""]
+        lines += [(f"Learning rates: each method trained at each of {list(settings.lr_grid)} on seed {settings.seeds[0]} (the same budget for every method); "
+                  "the rate with the best final validation accuracy was kept, and that run is the method's seed-0 result (test accuracy played no part in the choice):"), ""]
         lines += [f"- {name}: " + ", ".join(f"{lr}: {acc:.3f}" for lr, acc in scores.items()) for name, scores in summary["lr_tuning"].items()]
         lines.append("")
     lines += ["Per-seed test accuracy:", ""]

@@ -67,7 +67,9 @@ def write_data(task: Task, settings: LabSettings, data_dir: Path, hint_forms: se
     splits.update({"valid": ("valid", settings.valid_examples, None), "test": ("test", settings.test_examples, None)})
     for key, (split, count, form) in splits.items():
         path = data_dir / f"{key.replace('/', '_')}.jsonl"
-        rows = [asdict(example) for example in task.examples(DATA_SEEDS[split], count, form)]
+        # Pretraining only saw "train"-side prompts: validation and test come from the held-out side.
+        side = "train" if split == "train" else "test"
+        rows = [asdict(example) for example in task.examples(DATA_SEEDS[split], count, form, split=side)]
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         files[key] = path
     return files
