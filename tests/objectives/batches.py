@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dopd.objectives.base import objective_loss
+
 
 @dataclass
 class Batch:
@@ -68,3 +70,11 @@ def random_batch(
     mask = torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [B, T]
     views = (x.to(dtype) for x in (student, priv_student, teacher, reference))
     return Batch(*views, ids, mask)
+
+
+def batch_loss(objective, batch, **kwargs):
+    """``objective_loss`` of ``objective`` on every view of ``batch``."""
+    return objective_loss(
+        objective, batch.student, batch.priv_student, batch.teacher, batch.ids, batch.mask,
+        reference_logits=batch.reference, **kwargs,
+    )

@@ -8,10 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dopd import DOPDConfig, compute_thresholds, dopd_loss, merge_statistics
-from dopd.objectives.base import objective_loss
 from dopd.objectives.reduction import loss_denominator
 from dopd.objectives.registry import OBJECTIVES, build_objective
-from tests.objectives.batches import Batch
+from tests.objectives.batches import Batch, batch_loss
 
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -114,15 +113,7 @@ def test_dopd_micro_batch_split_invariance(batch, config, cuts):
 def test_every_objective_is_finite_and_divergences_are_non_negative(batch, name, top_k):
     batch.student.requires_grad_(True)
     objective = build_objective(name, top_k=top_k)
-    out = objective_loss(
-        objective,
-        batch.student,
-        batch.priv_student,
-        batch.teacher,
-        batch.ids,
-        batch.mask,
-        reference_logits=batch.reference,
-    )
+    out = batch_loss(objective, batch)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(batch.student.grad).all()
     assert torch.equal(out.groups == -1, ~batch.mask)

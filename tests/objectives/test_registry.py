@@ -12,29 +12,18 @@ from dopd.objectives.base import objective_loss
 from dopd.objectives.registry import OBJECTIVES, build_objective, get_spec
 from dopd.objectives.routing import HT, LH, REGIMES
 from tests.objectives import reference, tokenwise
-from tests.objectives.batches import random_batch
+from tests.objectives.batches import batch_loss, random_batch
 
 DIVERGENCE_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "js": 0.5}
 
 
-def _loss(objective, batch, **kwargs):
-    return objective_loss(
-        objective,
-        batch.student,
-        batch.priv_student,
-        batch.teacher,
-        batch.ids,
-        batch.mask,
-        reference_logits=batch.reference,
-        **kwargs,
-    )
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_entry_runs_forward_and_backward(name):
     batch = random_batch(3, 5, 12, seed=11, lengths=[5, 2, 0])
     batch.student.requires_grad_(True)
-    out = _loss(get_spec(name).build(top_k=4), batch)
+    out = batch_loss(get_spec(name).build(top_k=4), batch)
     out.loss.backward()
     assert out.loss.shape == () and torch.isfinite(out.loss)
     assert torch.isfinite(batch.student.grad).all() and batch.student.grad.abs().sum() > 0
@@ -79,7 +68,7 @@ def test_entries_declare_their_views():
 @pytest.mark.parametrize("granularity", ["sampled", "topk", "full"])
 def test_grid_entries_compute_the_divergence_they_name(divergence, granularity):
     batch = random_batch(3, 4, 10, seed=13)
-    out = _loss(build_objective(f"{divergence}_{granularity}", top_k=4), batch)
+    out = batch_loss(build_objective(f"{divergence}_{granularity}", top_k=4), batch)
     beta = DIVERGENCE_BETA[divergence]
     value = {
         "sampled": tokenwise.sampled_surrogate(beta),
@@ -105,7 +94,7 @@ def test_grid_entries_compute_the_divergence_they_name(divergence, granularity):
 )
 def test_baseline_presets_match_their_formulas(name, target, value):
     batch = random_batch(2, 4, 150, seed=14)
-    out = _loss(build_objective(name), batch)
+    out = batch_loss(build_objective(name), batch)
     expected = tokenwise.per_token(batch, value, target)
     np.testing.assert_allclose(out.per_token_loss.numpy(), expected, rtol=1e-9, atol=1e-13)
 
@@ -115,7 +104,7 @@ def test_baseline_presets_match_their_formulas(name, target, value):
 )
 def test_gkd_beta_end_points_are_forward_and_reverse_kl(jsd_beta, divergence):
     batch = random_batch(3, 4, 9, seed=15)
-    out = _loss(build_objective("gkd", jsd_beta=jsd_beta), batch)
+    out = batch_loss(build_objective("gkd", jsd_beta=jsd_beta), batch)
 
     def by_hand(student, teacher, token):
         s, t = reference.softmax(student), reference.softmax(teacher)
@@ -136,12 +125,12 @@ def test_gkd_beta_end_points_are_forward_and_reverse_kl(jsd_beta, divergence):
 
 def test_dopd_ablation_presets():
     batch = random_batch(4, 6, 11, seed=2, lengths=[6, 3, 0, 5])
-    full = _loss(build_objective("dopd", top_k=4), batch)
+    full = batch_loss(build_objective("dopd", top_k=4), batch)
     for name, enabled in (
         ("dopd_no_teacher_term", {"LL", "HS"}),
         ("dopd_no_student_term", {"LH", "HT"}),
     ):
-        out = _loss(build_objective(name, top_k=4), batch)
+        out = batch_loss(build_objective(name, top_k=4), batch)
         assert torch.equal(out.groups, full.groups)
         kept = torch.tensor(
             [REGIMES[g] in enabled if g >= 0 else False for g in out.groups.flatten().tolist()]
@@ -151,7 +140,7 @@ def test_dopd_ablation_presets():
             torch.where(kept, full.per_token_loss, torch.zeros_like(full.per_token_loss)),
         )
 
-    fixed = _loss(build_objective("dopd_fixed_objective", top_k=4), batch)
+    fixed = batch_loss(build_objective("dopd_fixed_objective", top_k=4), batch)
     student, priv, teacher, _, mask = batch.numpy()
     weights = [0.6, 0.3, 1.0, 0.6]
     for b, t in zip(*np.nonzero(mask)):

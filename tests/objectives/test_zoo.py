@@ -6,22 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dopd.objectives.base import objective_loss
 from dopd.objectives.registry import build_objective
 from tests.objectives import reference, tokenwise
-from tests.objectives.batches import random_batch
-
-
-def _loss(objective, batch):
-    return objective_loss(
-        objective,
-        batch.student,
-        batch.priv_student,
-        batch.teacher,
-        batch.ids,
-        batch.mask,
-        reference_logits=batch.reference,
-    )
+from tests.objectives.batches import batch_loss, random_batch
 
 
 def _entropy(logits) -> float:
@@ -53,7 +40,7 @@ def _vanilla_gradient(batch, reduction: str) -> np.ndarray:
 def test_vanilla_opd_is_the_sampled_reverse_kl_policy_gradient(reduction):
     batch = random_batch(3, 5, 9, seed=21, lengths=[5, 2, 4])
     batch.student.requires_grad_(True)
-    out = _loss(build_objective("vanilla_opd", reduction=reduction), batch)
+    out = batch_loss(build_objective("vanilla_opd", reduction=reduction), batch)
     out.loss.backward()
     np.testing.assert_allclose(
         out.per_token_loss.numpy(), tokenwise.per_token(batch, _vanilla), rtol=1e-10
@@ -68,7 +55,7 @@ def test_eopd_adds_forward_kl_exactly_where_teacher_entropy_is_high():
     _, _, teacher, _, mask = batch.numpy()
     entropies = np.array([_entropy(teacher[b, t]) for b, t in zip(*np.nonzero(mask))])
     threshold = float(np.median(entropies))  # an even count: the median lies between two tokens
-    out = _loss(build_objective("eopd", entropy_threshold=threshold, forward_weight=0.7), batch)
+    out = batch_loss(build_objective("eopd", entropy_threshold=threshold, forward_weight=0.7), batch)
 
     high = np.zeros(mask.shape, dtype=bool)
     high[mask] = entropies > threshold
@@ -114,7 +101,7 @@ QUADRANTS = [
 def test_tip_trains_exactly_the_kept_quadrants(keep):
     batch = random_batch(4, 6, 10, seed=23, lengths=[6, 5, 3, 4])  # 18 tokens
     objective = build_objective("tip") if keep is None else build_objective("tip", keep=keep)
-    out = _loss(objective, batch)
+    out = batch_loss(objective, batch)
     quadrants = _tip_quadrants(batch, 0.5)
     np.testing.assert_array_equal(out.groups.numpy(), quadrants)
 
@@ -125,7 +112,7 @@ def test_tip_trains_exactly_the_kept_quadrants(keep):
     expected = tokenwise.per_token(batch, _vanilla) * kept
     np.testing.assert_allclose(out.per_token_loss.numpy(), expected, rtol=1e-10, atol=1e-14)
     # Dropped tokens still count: token_mean divides by every valid token.
-    out_token_mean = _loss(build_objective("tip", keep=kept_names, reduction="token_mean"), batch)
+    out_token_mean = batch_loss(build_objective("tip", keep=kept_names, reduction="token_mean"), batch)
     assert out_token_mean.loss.item() == pytest.approx(
         expected.sum() / batch.mask.sum().item(), rel=1e-10
     )
@@ -135,7 +122,7 @@ def test_tip_trains_exactly_the_kept_quadrants(keep):
 def test_exopd_without_extrapolation_is_vanilla_reverse_kl_to_the_teacher(reduction):
     batch = random_batch(3, 5, 9, seed=24, lengths=[5, 3, 1])
     batch.student.requires_grad_(True)
-    out = _loss(build_objective("exopd", extrapolation=1.0, reduction=reduction), batch)
+    out = batch_loss(build_objective("exopd", extrapolation=1.0, reduction=reduction), batch)
     out.loss.backward()
     np.testing.assert_allclose(
         out.per_token_loss.numpy(), tokenwise.per_token(batch, _vanilla), rtol=1e-10
@@ -147,7 +134,7 @@ def test_exopd_without_extrapolation_is_vanilla_reverse_kl_to_the_teacher(reduct
 
 def test_exopd_is_reverse_kl_to_the_extrapolated_target():
     batch = random_batch(3, 5, 9, seed=25)
-    out = _loss(build_objective("exopd", extrapolation=1.25, granularity="full"), batch)
+    out = batch_loss(build_objective("exopd", extrapolation=1.25, granularity="full"), batch)
 
     student, teacher, reference_logits = (
         x.numpy() for x in (batch.student, batch.teacher, batch.reference)
