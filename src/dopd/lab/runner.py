@@ -42,7 +42,7 @@ class LabSettings:
     micro_batch_size: int = 64
     eval_every: int = 10
     lr: float = 1e-4
-    lr_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
+    lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
