@@ -154,6 +154,8 @@ class Trainer:
         loop, max_steps = self.config.loop, self.config.optim.max_steps
         last = max_steps if stop_after is None else min(stop_after, max_steps)
         bar = tqdm(total=max_steps, initial=self.step, desc="train", disable=not self.accelerator.is_main_process)
+        if self.step == 0 and loop.eval_every and self.eval_prompts:
+            self._log({"eval/accuracy": self.evaluate().accuracy})  # the curves' starting point
         while self.step < last:
             record = self.train_step()
             self.step += 1

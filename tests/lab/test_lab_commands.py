@@ -12,7 +12,7 @@ from dopd.lab import commands
 from dopd.lab.methods import SUITES
 from dopd.lab.pretrain import lab_model_dir
 from dopd.lab.report import summarize
-from dopd.lab.runner import LabSettings, RunResult, method_config
+from dopd.lab.runner import DATA_SEEDS, LabSettings, RunResult, method_config, write_data
 from dopd.lab.task import load_task
 
 
@@ -55,3 +55,15 @@ def test_demo_path_writes_a_valid_results_json(tmp_path):
     assert set(results["methods"]["dopd"]["regime_fractions"]) == {"LH", "LL", "HT", "HS"}
     for name in ("report.md", "curves.png", "regimes.png", "tokens.html"):
         assert (tmp_path / name).stat().st_size > 0
+    records = [json.loads(line) for line in (tmp_path / "runs" / "dopd" / "seed0-lr0.0003" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and set(records[0]) == {"step", "eval/accuracy"}  # curves start at the untrained student
+
+
+def test_validation_never_repeats_a_test_problem(tmp_path):
+    task = load_task("arithmetic")
+    settings = LabSettings(train_examples=8, valid_examples=300, test_examples=300)
+    files = write_data(task, settings, tmp_path, {task.default_hint})
+    prompts = {split: [json.loads(line)["prompt"] for line in files[split].read_text().splitlines()] for split in ("valid", "test")}
+    assert len(prompts["valid"]) == 300 and len(prompts["test"]) == 300
+    assert not set(prompts["valid"]) & set(prompts["test"])
+    assert prompts["test"] == [e.prompt for e in task.examples(DATA_SEEDS["test"], 300, split="test")]

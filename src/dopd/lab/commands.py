@@ -100,7 +100,7 @@ def _write_outputs(summary: dict, results: list[RunResult], context: dict, comma
         runs.setdefault(result.method, []).append(result.records)
     references = {"teacher": summary["teacher_accuracy"], "student": summary["student_accuracy"]}
     plot_curves(runs, output_dir / "curves.png", title=f"{summary['suite']} suite, {summary['task']} task", references=references)
-    routed = next((r for r in results if any(k == "fraction/HT" for k in r.records[0])), None)
+    routed = next((r for r in results if any("fraction/HT" in record for record in r.records)), None)
     if routed is not None:
         plot_regimes(routed.records, output_dir / "regimes.png", title=f"{routed.method}: regime fractions")
         examples = context["task"].examples(DATA_SEEDS["test"], 12, split="test")

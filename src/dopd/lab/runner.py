@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dopd.config import TrainConfig, from_dict
 from dopd.data import load_examples, tokenize_views
+from dopd.errors import ConfigError
 from dopd.evaluation import evaluate
 from dopd.lab.methods import Method
 from dopd.lab.task import Task
@@ -34,7 +35,8 @@ class LabSettings:
     train_examples: int = 4000
     valid_examples: int = 128
     test_examples: int = 256
-    steps: int = 60
+    steps: int = 120
+    warmup_steps: int = 10
     prompts_per_step: int = 16
     num_generations: int = 4
     max_completion_length: int = 40
@@ -42,7 +44,7 @@ class LabSettings:
     micro_batch_size: int = 64
     eval_every: int = 10
     lr: float = 1e-4
-    lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    lr_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
@@ -65,14 +67,29 @@ def write_data(task: Task, settings: LabSettings, data_dir: Path, hint_forms: se
     files = {}
     splits = {f"train/{form}": ("train", settings.train_examples, form) for form in hint_forms}
     splits.update({"valid": ("valid", settings.valid_examples, None), "test": ("test", settings.test_examples, None)})
+    test_prompts = {e.prompt for e in task.examples(DATA_SEEDS["test"], settings.test_examples, split="test")}
     for key, (split, count, form) in splits.items():
         path = data_dir / f"{key.replace('/', '_')}.jsonl"
-        # Pretraining only saw "train"-side prompts: validation and test come from the held-out side.
+        # Pretraining only saw "train"-side prompts: validation and test come from the held-out side,
+        # and validation (which picks learning rates) never repeats a test problem.
         side = "train" if split == "train" else "test"
-        rows = [asdict(example) for example in task.examples(DATA_SEEDS[split], count, form, split=side)]
+        exclude = test_prompts if split == "valid" else set()
+        rows = [asdict(example) for example in _examples_excluding(task, DATA_SEEDS[split], count, form, side, exclude)]
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         files[key] = path
     return files
+
+
+def _examples_excluding(task: Task, seed: int, count: int, hint_form: str | None, split: str, exclude: set[str]) -> list:
+    """The first ``count`` examples of ``task.examples(seed, ..., split=split)`` whose prompt is not in ``exclude``."""
+    drawn = count
+    while True:
+        kept = [e for e in task.examples(seed, drawn, hint_form, split=split) if e.prompt not in exclude]
+        if len(kept) >= count:
+            return kept[:count]
+        if drawn > 8 * (count + len(exclude)):
+            raise ConfigError(f"task {task.name!r} has too few distinct {split!r} prompts for {count} examples outside the test split")
+        drawn *= 2
 
 
 def method_config(method: Method, *, seed: int, lr: float, settings: LabSettings, model_dir: Path, files: dict[str, Path], output_dir: Path, task: Task) -> TrainConfig:
@@ -91,7 +108,7 @@ def method_config(method: Method, *, seed: int, lr: float, settings: LabSettings
             "prompts_per_step": settings.prompts_per_step, "num_generations": settings.num_generations,
             "max_completion_length": settings.max_completion_length, "temperature": settings.temperature,
         },
-        "optim": {"lr": lr, "max_steps": settings.steps, "warmup_steps": 0, "micro_batch_size": settings.micro_batch_size},
+        "optim": {"lr": lr, "max_steps": settings.steps, "warmup_steps": min(settings.warmup_steps, settings.steps), "micro_batch_size": settings.micro_batch_size},
         "loop": {"save_every": 0, "eval_every": settings.eval_every},
         "eval": {"max_examples": settings.valid_examples, "max_new_tokens": settings.max_completion_length},
     })
