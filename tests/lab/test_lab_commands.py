@@ -53,6 +53,9 @@ def test_demo_path_writes_a_valid_results_json(tmp_path):
         assert 0.0 <= method["accuracy"] <= 1.0
         assert "gap_closed" in method
     assert set(results["methods"]["dopd"]["regime_fractions"]) == {"LH", "LL", "HT", "HS"}
+    placement = results["regime_placement"]["trained dopd student"]
+    assert {"plan", "result"} <= set(placement) and all(row["tokens"] > 0 for row in placement.values())
+    assert "Regime placement by token role" in (tmp_path / "report.md").read_text()
     for name in ("report.md", "curves.png", "regimes.png", "tokens.html"):
         assert (tmp_path / name).stat().st_size > 0
     records = [json.loads(line) for line in (tmp_path / "runs" / "dopd" / "seed0-lr0.0003" / "metrics.jsonl").read_text().splitlines()]

@@ -245,3 +245,19 @@ def test_load_task_errors(tmp_path, spec, message):
     (tmp_path / "my_tasks.py").write_text(textwrap.dedent(USER_TASK))
     with pytest.raises(ConfigError, match=message):
         load_task(spec.format(dir=tmp_path))
+
+
+def test_arithmetic_token_roles_follow_the_scratchpad():
+    task = load_task("arithmetic")
+    tokens = [*"25*5=125,37+125=162\n162", "</s>"]
+    roles = task.token_roles(tokens)
+    expected = ["plan"] * 4 + ["format"] + ["result"] * 3 + ["format"] + ["plan"] * 3 + ["copy"] * 3 + ["format"] + ["result"] * 3 + ["format"] + ["answer"] * 3 + ["format"]
+    assert roles == expected
+
+
+@given(st.lists(st.sampled_from([*"0123456789+-*=,\n x", "</s>", ""]), max_size=40))
+def test_arithmetic_token_roles_label_every_token_of_any_completion(tokens):
+    roles = load_task("arithmetic").token_roles(tokens)
+    assert len(roles) == len(tokens)
+    assert set(roles) <= {"plan", "copy", "result", "answer", "format"}
+    assert all(role == "format" for token, role in zip(tokens, roles) if token not in "0123456789+-*" or token == "")

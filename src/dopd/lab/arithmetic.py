@@ -99,3 +99,36 @@ class PlanArithmetic(Task):
         return Problem(
             prompt=f"{a},{b},{c}=", solution=f"{execution}\n{answer}", answer=answer, hints=hints
         )
+
+    def token_roles(self, tokens: list[str]) -> list[str]:
+        """Roles of a (possibly malformed) scratchpad's tokens, read left to right:
+
+        - ``plan``: operands and operators left of each ``=`` (what the decomposition hint names,
+          the information gap);
+        - ``copy``: an operand that repeats the previous step's result (neither gap);
+        - ``result``: the computed number right of each ``=`` (the capability gap);
+        - ``answer``: the final line; ``format``: ``=``, ``,``, newline and anything else.
+        """
+        roles: list[str] = []
+        part, operand, previous_result, result = "plan", [], "", ""
+        for token in tokens:
+            if part == "plan" and token and token in "0123456789":
+                operand.append(len(roles))
+            elif operand:  # an operand just ended: does it copy the last result?
+                if previous_result and "".join(tokens[i] for i in operand) == previous_result:
+                    roles[operand[0]:operand[-1] + 1] = ["copy"] * len(operand)
+                operand = []
+            if token == "\n":
+                roles.append("format")
+                part = "answer"
+            elif token in ("=", ",") and part != "answer":
+                roles.append("format")
+                if token == "," and result:
+                    previous_result, result = result, ""
+                part = "result" if token == "=" else "plan"
+            elif token and token in "0123456789+-*":
+                roles.append(part)
+                result += token if part == "result" else ""
+            else:
+                roles.append("format")
+        return roles

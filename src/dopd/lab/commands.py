@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dopd.lab.methods import SUITES, Method
+from dopd.lab.placement import placement_table, regime_placement
 from dopd.lab.pretrain import lab_model_dir, main_pretrain
 from dopd.lab.report import format_table, markdown_table, summarize
 from dopd.lab.rollout_view import rollout_records
@@ -30,6 +31,8 @@ from dopd.lab.task import Task, load_task
 from dopd.viz.plots import plot_curves, plot_regimes
 from dopd.viz.tokens import write_rollouts_html
 
+HTML_ROLLOUTS = 12  # rollouts shown token by token in tokens.html
+PLACEMENT_ROLLOUTS = 128  # held-out rollouts behind the regime-placement table
 DEMO_SETTINGS = LabSettings(steps=40, seeds=(0,), lr=3e-4, test_examples=256, valid_examples=64, eval_every=10)
 
 
@@ -93,8 +96,7 @@ def _slug(name: str) -> str:
 
 
 def _write_outputs(summary: dict, results: list[RunResult], context: dict, command: str) -> None:
-    output_dir, settings = context["output_dir"], context["settings"]
-    (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    output_dir = context["output_dir"]
     runs: dict[str, list[list[dict]]] = {}
     for result in results:
         runs.setdefault(result.method, []).append(result.records)
@@ -103,12 +105,25 @@ def _write_outputs(summary: dict, results: list[RunResult], context: dict, comma
     routed = next((r for r in results if any("fraction/HT" in record for record in r.records)), None)
     if routed is not None:
         plot_regimes(routed.records, output_dir / "regimes.png", title=f"{routed.method}: regime fractions")
-        examples = context["task"].examples(DATA_SEEDS["test"], 12, split="test")
-        records = rollout_records(str(Path(routed.run_dir) / "model"), str(context["model_dir"] / "teacher"), context["task"], examples, max_completion_length=settings.max_completion_length)
-        write_rollouts_html(records, output_dir / "tokens.html", title=f"{routed.method}: held-out rollouts of the trained student")
+        records = _placement(summary, routed, context)
+        write_rollouts_html(records[:HTML_ROLLOUTS], output_dir / "tokens.html", title=f"{routed.method}: held-out rollouts of the trained student")
+    (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (output_dir / "report.md").write_text(markdown_report(summary, command, context))
     print(format_table(summary))
     print(f"wrote {output_dir}/results.json, report.md, curves.png" + (", regimes.png, tokens.html" if routed else ""))
+
+
+def _placement(summary: dict, routed: RunResult, context: dict) -> list[dict]:
+    """Route held-out rollouts of the pretrained and of the trained student; record the regime
+    placement per token role in ``summary``; return the trained student's token records."""
+    task, settings, teacher = context["task"], context["settings"], str(context["model_dir"] / "teacher")
+    examples = task.examples(DATA_SEEDS["test"], PLACEMENT_ROLLOUTS, split="test")
+    students = {"pretrained student": str(context["model_dir"] / "student"), f"trained {routed.method} student": str(Path(routed.run_dir) / "model")}
+    records = {name: rollout_records(path, teacher, task, examples, max_completion_length=settings.max_completion_length) for name, path in students.items()}
+    placement = {name: regime_placement(rows, task) for name, rows in records.items()}
+    if all(placement.values()):
+        summary["regime_placement"] = placement
+    return records[f"trained {routed.method} student"]
 
 
 def _commit() -> str:
@@ -137,6 +152,9 @@ def markdown_report(summary: dict, command: str, context: dict) -> str:
         lines.append("")
     lines += ["Per-seed test accuracy:", ""]
     lines += [f"- {name}: " + ", ".join(f"seed {s}: {a:.3f}" for s, a in m["seeds"].items()) for name, m in summary["methods"].items()]
+    for name, placement in summary.get("regime_placement", {}).items():
+        lines += ["", (f"Regime placement by token role, {PLACEMENT_ROLLOUTS} held-out rollouts of the {name}, routed by DOPD's default rule "
+                       "with the privileged teacher (fraction of each role's tokens in each regime; q and A of the sampled token):"), "", placement_table(placement)]
     lines += ["", "Plots: `curves.png` (validation accuracy, student entropy, loss vs step), `regimes.png`; token view: `tokens.html`.", ""]
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ Adding a task, without editing dopd — write a file outside the package::
 
 and name it as ``my_tasks.py:Reverse`` wherever a task is expected (``load_task``, the lab
 config, ``dopd pretrain``). A task defines ``name``, ``characters`` and ``problem``; it may
-override ``verify``, ``hint_forms`` and ``default_hint``. Rules a task must keep:
+override ``verify``, ``hint_forms``, ``default_hint`` and ``token_roles``. Rules a task must keep:
 
 - ``problem`` is a pure function of the generator's state, so ``examples(seed, n)`` is the same on
   every run; every hint form of ``hint_forms`` has a non-blank entry in ``Problem.hints``;
@@ -139,6 +139,11 @@ class Task(ABC):
             )
             for problem in self.problems(seed, count, split=split)
         ]
+
+    def token_roles(self, tokens: list[str]) -> list[str] | None:
+        """The role of each completion token in the solution (e.g. ``plan`` vs ``result``), for
+        checking where routing puts its regimes; None (the default) when the task has no roles."""
+        return None
 
     def check_hint_form(self, hint_form: str) -> str:
         """``hint_form`` itself, or a ``ConfigError`` naming the forms this task has."""
