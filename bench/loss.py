@@ -205,7 +205,7 @@ def _available_bytes() -> int:
 
 def _errors(directory: Path) -> dict[str, dict[str, float]]:
     """Max abs difference between the paths' loss and gradients, and the naive values' scale."""
-    naive, efficient = (torch.load(directory / f"{path}.pt") for path in ("naive", "efficient"))
+    naive, efficient = (torch.load(directory / f"{path}.pt", weights_only=True) for path in ("naive", "efficient"))
     return {
         "max_abs_err_by_output": {
             key: (naive[key] - efficient[key]).abs().max().item() for key in naive

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pytest
 import torch
@@ -10,10 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dopd.alignment import (
+    HeadInputs,
     build_view_inputs,
     check_aligned,
+    completion_hidden_states,
     completion_logits,
     completion_mask_after_eos,
+    output_head_problem,
 )
 from dopd.errors import DOPDError
 from dopd.tiny import build_tiny_model
@@ -209,3 +213,83 @@ def test_completion_logits_without_logits_to_keep_support():
     torch.testing.assert_close(
         completion_logits(PositionalOnly(model), inputs), completion_logits(model, inputs)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# completion_hidden_states: what the output head sees, without [B, T, V] logits
+
+
+def _inputs():
+    completion_ids = torch.tensor([[5, 6, EOS, 9], [6, 7, 8, 10]])
+    mask = completion_mask_after_eos(completion_ids, EOS)
+    return build_view_inputs([[3, 4], [9]], completion_ids, mask, PAD), mask
+
+
+class ExposedHead(PositionalOnly):
+    """``PositionalOnly`` that exposes the wrapped model's output head."""
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+@torch.no_grad()
+def test_projected_hidden_states_are_the_completion_logits(wrap):
+    model = tiny_model()
+    inputs, _ = _inputs()
+    # A model without logits_to_keep sends every position to its head; the slice still applies.
+    head = completion_hidden_states(ExposedHead(model) if wrap else model, inputs)
+    hidden, weight = head.projection()
+    torch.testing.assert_close(hidden @ weight.T, completion_logits(model, inputs), atol=1e-12, rtol=0)
+    assert head.weight is model.lm_head.weight and head.dtype == torch.float64
+
+
+def test_head_inputs_have_documented_shapes():
+    documented = " ".join(inspect.getdoc(HeadInputs).split())
+    assert "hidden: ``[B, T, H]`` (``[N, H]`` after ``select``)" in documented
+    assert "weight: ``[V, H]``" in documented
+    inputs, mask = _inputs()
+    with torch.no_grad():
+        head = completion_hidden_states(tiny_model(), inputs)
+    hidden_size = tiny_model().config.hidden_size
+    assert head.hidden.shape == (2, 4, hidden_size) and head.weight.shape == (VOCAB, hidden_size)
+    assert head.select(mask).hidden.shape == (int(mask.sum()), hidden_size)
+
+
+def test_hidden_states_carry_the_gradient():
+    model = build_tiny_model(VOCAB, num_hidden_layers=1, seed=1)
+    inputs, mask = _inputs()
+    hidden, weight = completion_hidden_states(model, inputs).select(mask).projection()
+    (hidden @ weight.T).logsumexp(-1).sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    completion_logits(model, inputs)[mask].logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(expected[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+class Scaled(ExposedHead):
+    """A head transform no config field announces: ``output_head_problem`` cannot see it."""
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache):
+        outputs = super().forward(input_ids, attention_mask, position_ids, use_cache)
+        outputs.logits = outputs.logits * 0.5
+        return outputs
+
+
+@torch.no_grad()
+def test_an_unannounced_logit_transform_is_caught():
+    model = Scaled(tiny_model())
+    assert output_head_problem(model) is None
+    with pytest.raises(DOPDError, match="transforms its logits after the output head"):
+        completion_hidden_states(model, _inputs()[0])
+
+
+def test_output_head_problems_name_the_reason():
+    assert output_head_problem(tiny_model()) is None
+    assert "get_output_embeddings() is NoneType" in output_head_problem(PositionalOnly(tiny_model()))
+    capped = build_tiny_model(VOCAB, seed=0, final_logit_softcapping=30.0)
+    assert "config.final_logit_softcapping=30.0" in output_head_problem(capped)
+    biased = build_tiny_model(VOCAB, seed=0, tie_word_embeddings=False)
+    biased.lm_head.bias = torch.nn.Parameter(torch.zeros(VOCAB))
+    assert "has a bias" in output_head_problem(biased)

@@ -61,7 +61,12 @@ def test_defaults_follow_the_documented_schema():
         "student": {"path": "student-model", **model},
         "teacher": {"path": "teacher-model", **model},
         "reference": None,
-        "tokenizer": {"path": None, "characters": None, "chat_template_kwargs": {}},
+        "tokenizer": {
+            "path": None,
+            "characters": None,
+            "chat_template_kwargs": {},
+            "trust_remote_code": False,
+        },
         "data": {
             "train": "train.jsonl",
             "eval": None,
@@ -93,6 +98,7 @@ def test_defaults_follow_the_documented_schema():
             "max_steps": 200,
             "max_grad_norm": 1.0,
             "micro_batch_size": 8,
+            "max_consecutive_skips": 5,
         },
         "loop": {
             "mixed_precision": "no",
@@ -100,6 +106,8 @@ def test_defaults_follow_the_documented_schema():
             "log_every": 1,
             "save_every": 50,
             "eval_every": 0,
+            "loss_path": "auto",
+            "loss_chunk_rows": 1024,
         },
         "eval": {"max_examples": 64, "verifier": "exact", "max_new_tokens": 64},
     }

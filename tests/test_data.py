@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pyarrow
@@ -134,6 +135,44 @@ def test_non_utf8_names_the_line(tmp_path):
         load_examples(str(path))
 
 
+def test_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    for name in ("bom.jsonl", "bom.json"):
+        path = tmp_path / name
+        text = f"{GOOD}\n" if name.endswith("l") else f"[{GOOD}]"
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert load_examples(str(path)) == [Example(prompt="1+1=", privileged_context="add")]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('{"prompt": "\\ud800", "privileged_context": "add"}', "prompt holds the unpaired surrogate"),
+        (
+            '{"prompt": [{"role": "user", "content": "a\\udc00"}], "privileged_context": "add"}',
+            "prompt[0].content holds the unpaired surrogate",
+        ),
+    ],
+)
+def test_lone_surrogates_are_refused_before_tokenization(tmp_path, row, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(row + "\n")
+    with pytest.raises(DataError, match=rf"data.jsonl:1: {re.escape(message)}"):
+        load_examples(str(path))
+
+
+def test_deep_json_directories_and_other_file_types_are_data_errors(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000)
+    with pytest.raises(DataError, match="deep.jsonl:1: JSON nested too deeply"):
+        load_examples(str(deep))
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(DataError, match="is a directory"):
+        load_examples(str(tmp_path / "folder.jsonl"))
+    (tmp_path / "data.csv").write_text("prompt,privileged_context\n")
+    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+        load_examples(str(tmp_path / "data.csv"))
+
+
 def test_missing_and_empty_files_are_reported(tmp_path):
     for name in ("absent.jsonl", "absent.json", "absent.parquet"):
         with pytest.raises(DataError, match="no such file"):
@@ -181,7 +220,20 @@ def test_chat_prompt_changes_only_the_last_user_turn_of_a_copy():
     )
 
 
-@pytest.mark.parametrize("template", ["{privileged_context}", "{prompt} {answer}", "{prompt} {0}"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{privileged_context}",
+        "{prompt} {answer}",
+        "{prompt} {0}",
+        # Conversions and format specs could fail on some strings: ':d' on any str, a spec
+        # taken from the context, so only plain fields are allowed.
+        "{prompt!r} {privileged_context}",
+        "{prompt:d} {privileged_context}",
+        "{prompt:{privileged_context}} {privileged_context}",
+        "{prompt} {privileged_context}\ud800",
+    ],
+)
 def test_bad_template_is_a_config_error(template):
     with pytest.raises(ConfigError, match="privileged_template"):
         privileged_prompt(Example(prompt="1", privileged_context="c"), template)

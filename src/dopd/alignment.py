@@ -6,6 +6,12 @@ position ``t`` holds the same token in every view and the per-token logits line 
 section 9). Left padding is invisible to the model: it is masked out of attention and
 ``position_ids`` restart at 0 on the first real token, so each row scores exactly as it would
 alone and unpadded.
+
+A view is scored either as logits (``completion_logits``, ``[B, T, V]``) or as the final hidden
+states its output head would project (``completion_hidden_states``, ``[B, T, H]``, with the head's
+weight), which the chunked loss projects a few rows at a time. Both take ``vocab_size``: the
+common vocabulary of the run's heads (``dopd.models.common_vocabulary``), to which a padded head
+is cut so that every view scores the same ``V`` ids.
 """
 
 from __future__ import annotations
@@ -137,14 +143,18 @@ def check_aligned(*masks: Tensor) -> None:
             )
 
 
-def completion_logits(model: torch.nn.Module, inputs: ViewInputs) -> Tensor:
+def completion_logits(model: torch.nn.Module, inputs: ViewInputs, vocab_size: int | None = None) -> Tensor:
     """Logits scoring each completion token: position ``t`` is the distribution of token ``t``.
 
     These are the model's outputs at sequence positions ``P - 1 .. P + T - 2`` (the token before
     each completion token). Logits at invalid completion positions are finite but meaningless.
 
+    Args:
+        vocab_size: keep the first ``vocab_size`` columns (the run's common vocabulary, at most
+            the head's size ``V_model``); None or ``V_model`` keeps them all, without a copy.
+
     Returns:
-        ``[B, T, V]`` in the model's dtype.
+        ``[B, T, V]`` in the model's dtype, ``V = vocab_size or V_model``.
     """
     length = inputs.completion_length
     outputs = model(
@@ -154,7 +164,28 @@ def completion_logits(model: torch.nn.Module, inputs: ViewInputs) -> Tensor:
         use_cache=False,
         **_logits_to_keep(model, length + 1),
     )
-    return outputs.logits[:, -(length + 1) : -1]  # [B, T, V]
+    logits = outputs.logits[:, -(length + 1) : -1]  # [B, T, V_model]
+    keep = vocabulary_slice(logits.shape[-1], vocab_size)
+    return logits if keep is None else logits[..., keep]  # [B, T, V]
+
+
+def vocabulary_slice(size: int, vocab_size: int | None) -> slice | None:
+    """The rows of a ``size``-row output head that the common vocabulary keeps.
+
+    None when nothing is cut (``vocab_size`` None or ``size``), so that a run whose heads all have
+    one size does exactly what it did before the rule existed: no slice, no autograd node.
+
+    Raises:
+        DOPDError: ``vocab_size`` is not in ``1 .. size``.
+    """
+    if vocab_size is None or vocab_size == size:
+        return None
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size < size:
+        raise DOPDError(
+            f"vocab_size={vocab_size!r} cannot cut an output head of {size} rows; pass the common "
+            "vocabulary of the run's heads (dopd.models.common_vocabulary), at most each head's size"
+        )
+    return slice(0, vocab_size)
 
 
 def _logits_to_keep(model: torch.nn.Module, count: int) -> dict[str, int]:
@@ -163,9 +194,164 @@ def _logits_to_keep(model: torch.nn.Module, count: int) -> dict[str, int]:
     transformers' own ``generate`` tests the signature the same way: not every architecture takes
     ``logits_to_keep``; those return every position and the caller's slice still applies.
     """
-    forward = getattr(model, "module", model).forward  # DDP-style wrappers hide the signature
+    forward = unwrapped(model).forward  # DDP-style wrappers hide the signature
     return (
         {"logits_to_keep": count}
         if "logits_to_keep" in inspect.signature(forward).parameters
         else {}
     )
+
+
+# Config fields with which transformers families change the logits after the output head
+# (Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's
+# lm_head_multiplier, ...), each with its value that leaves the logits unchanged; None does too.
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": 0.0,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+    "output_multiplier": 1.0,
+    "lm_head_multiplier": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """One view's final hidden states at its completion positions, and the head that scores them.
+
+    ``hidden.to(dtype) @ weight.to(dtype).T`` are the model's completion logits (their first
+    ``V`` columns when the weight is cut to the common vocabulary).
+
+    Attributes:
+        hidden: ``[B, T, H]`` (``[N, H]`` after ``select``) float; position ``t`` scores
+            completion token ``t``. Carries the forward's graph when the forward ran with grad.
+        weight: ``[V, H]`` the output head's weight: the parameter itself (perhaps tied), or
+            its first ``V`` rows when cut to the common vocabulary.
+        dtype: the dtype the head computes in: the autocast dtype under mixed precision, else
+            the weight's.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    dtype: torch.dtype
+
+    def select(self, mask: Tensor) -> HeadInputs:
+        """The rows at ``mask`` ``[B, T]`` bool: ``hidden`` becomes ``[N, H]``."""
+        return HeadInputs(self.hidden[mask], self.weight, self.dtype)
+
+    def projection(self) -> tuple[Tensor, Tensor]:
+        """``hidden`` and ``weight`` cast (differentiably) to ``dtype``: their product is what
+        the model's head computes, e.g. a bf16 matmul under bf16 autocast."""
+        return self.hidden.to(self.dtype), self.weight.to(self.dtype)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP-style (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    for name in ("module", "_orig_mod"):
+        inner = getattr(model, name, None)
+        if isinstance(inner, torch.nn.Module):
+            return unwrapped(inner)
+    return model
+
+
+def output_head_problem(model: torch.nn.Module) -> str | None:
+    """Why ``hidden @ head.weight.T`` might not be ``model``'s logits; None when it is.
+
+    The head must be a bias-free ``torch.nn.Linear`` returned by ``get_output_embeddings()``, and
+    no known config field may transform the logits after it (``LOGIT_TRANSFORMS``).
+    """
+    model = unwrapped(model)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    name = type(model).__name__
+    if not isinstance(head, torch.nn.Linear):
+        return f"{name}.get_output_embeddings() is {type(head).__name__}, not a torch.nn.Linear"
+    if head.bias is not None:
+        return f"{name}'s output head has a bias"
+    config = getattr(model, "config", None)
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    for section in configs:
+        for key, identity in LOGIT_TRANSFORMS.items():
+            value = getattr(section, key, None)
+            if value is not None and value != identity:
+                return f"{name} has config.{key}={value!r}, which changes the logits after the head"
+    return None
+
+
+def completion_hidden_states(model: torch.nn.Module, inputs: ViewInputs, vocab_size: int | None = None) -> HeadInputs:
+    """What the output head receives at each completion position, without ``[B, T, V]`` logits.
+
+    The forward runs through ``model`` itself, so a DDP wrapper still registers the backward and
+    syncs gradients. A pre-hook on the head (``get_output_embeddings()``, which
+    ``output_head_problem`` must accept) keeps its input and lets it project the last position
+    only: that ``[B, 1, V]`` output checks that the projection reproduces the model's logits.
+
+    Args:
+        vocab_size: as in ``completion_logits``: keep the head's first ``vocab_size`` rows.
+
+    Returns:
+        ``HeadInputs`` with ``hidden`` ``[B, T, H]``: position ``t`` holds the state at sequence
+        position ``P - 1 + t``, whose logits score completion token ``t`` (as in
+        ``completion_logits``), and ``weight`` ``[V, H]``, ``V = vocab_size or V_model``: a view
+        of the parameter, so the student's gradient reaches its first ``V`` rows.
+    """
+    head = unwrapped(model).get_output_embeddings()
+    captured = []
+
+    def keep_input(module: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]  # [B, L, H]
+        captured.append(HeadInputs(hidden, module.weight, _head_dtype(hidden, module.weight)))
+        return (hidden[:, -1:], *args[1:])  # [B, 1, H]
+
+    length = inputs.completion_length
+    handle = head.register_forward_pre_hook(keep_input)
+    try:
+        outputs = model(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            use_cache=False,
+            **_logits_to_keep(model, length + 1),
+        )
+    finally:
+        handle.remove()
+    if len(captured) != 1 or captured[0].hidden.dim() != 3:
+        raise DOPDError(
+            f"{type(unwrapped(model)).__name__}'s output head ran {len(captured)} times in one "
+            "forward (expected once, on [B, L, H] hidden states); score it with the reference "
+            "loss path (path='reference')"
+        )
+    _check_projection(type(unwrapped(model)).__name__, outputs.logits[:, -1:], captured[0])
+    hidden = captured[0].hidden[:, -(length + 1) : -1]  # [B, T, H]
+    # Cut after the check above, which compares the model's whole last-position logits.
+    weight = captured[0].weight  # [V_model, H]
+    keep = vocabulary_slice(weight.shape[0], vocab_size)
+    return HeadInputs(hidden, weight if keep is None else weight[keep], captured[0].dtype)  # weight [V, H]
+
+
+def _head_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+@torch.no_grad()
+def _check_projection(name: str, logits: Tensor, head: HeadInputs) -> None:
+    """Raise unless the model's logits ``[B, 1, V]`` at the last position equal the projection
+    of its hidden states: the guard against a logit transform ``output_head_problem`` missed."""
+    hidden, weight = HeadInputs(head.hidden[:, -1:], head.weight, head.dtype).projection()
+    expected = (hidden @ weight.T).float()  # [B, 1, V]
+    if expected.numel() == 0:
+        return
+    # One device sync for both numbers.
+    error, largest = torch.stack([(logits.float() - expected).abs().max(), expected.abs().max()]).tolist()
+    # Rounding of another matmul kernel, relative to the largest logit; a rescaled or soft-capped
+    # head is off by far more. NaN passes: a non-finite forward must reach the loss, where the
+    # trainer skips the step and diagnoses it.
+    tolerance = max(4 * torch.finfo(head.dtype).eps, 1e-3) * max(largest, 1.0)
+    if error > tolerance:
+        raise DOPDError(
+            f"{name}'s {head.dtype} logits differ from hidden @ head.weight.T by {error:.3g} "
+            f"(tolerance {tolerance:.3g}): it transforms its logits after the output head; "
+            "score it with the reference loss path (path='reference')"
+        )

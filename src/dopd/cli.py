@@ -3,23 +3,32 @@
     dopd train --config configs/tiny.yaml --set objective.top_k=64 --set output_dir=runs/x
     dopd eval --model runs/x/model --data configs/data/tiny.jsonl
     dopd objectives
+
+Errors: a bad input (any ``DOPDError``: config, data, model source) prints one line
+``dopd: error: ...`` to stderr and exits 2; bad arguments exit 2 the same way; an unexpected
+exception prints one ``dopd: internal error: ...`` line and exits 1. ``--debug`` (before or after
+the command) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+from typing import NoReturn
 
 from dopd.errors import DOPDError
 
 
 def _train(args: argparse.Namespace) -> None:
     from dopd.config import load_config
+    from dopd.models import check_sources
     from dopd.trainer import Trainer
 
     config = load_config(args.config, args.set)
+    check_sources(config)  # before any weights load or output_dir changes
     Trainer(config, resume=args.resume, overwrite=args.overwrite).train(stop_after=args.stop_after)
 
 
@@ -28,11 +37,12 @@ def _eval(args: argparse.Namespace) -> None:
 
     from dopd.data import load_examples, tokenize_views
     from dopd.evaluation import evaluate, load_verifier
+    from dopd.models import load_pretrained
 
     if not os.path.isdir(args.model):
         raise DOPDError(f"--model {args.model!r} is not a directory; pass a saved model folder such as runs/x/model")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    tokenizer = load_pretrained(AutoTokenizer, "--model", args.model)
+    model = load_pretrained(AutoModelForCausalLM, "--model", args.model)
     examples = load_examples(args.data)[: args.max_examples]
     prompt_ids, _ = tokenize_views(examples, tokenizer)
     result = evaluate(
@@ -75,12 +85,23 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dopd", description="Dual On-policy Distillation and its baselines")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of dopd's own errors")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), like every other dopd error."""
 
-    train = commands.add_parser("train", help="train a student with on-policy distillation")
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dopd", description="Dual On-policy Distillation and its baselines")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    # --debug also after the command; SUPPRESS keeps a subcommand from resetting the global flag.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_command = functools.partial(commands.add_parser, parents=[debug])
+
+    train = add_command("train", help="train a student with on-policy distillation")
     train.add_argument("--config", required=True, help="YAML config file")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted), repeatable")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
@@ -88,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-after", type=_positive_int, default=None, metavar="N", help="stop after N steps (the schedule keeps optim.max_steps)")
     train.set_defaults(run=_train)
 
-    evaluation = commands.add_parser("eval", help="held-out accuracy of a saved model without privileged context")
+    evaluation = add_command("eval", help="held-out accuracy of a saved model without privileged context")
     evaluation.add_argument("--model", required=True, help="a saved model folder (e.g. output_dir/model)")
     evaluation.add_argument("--data", required=True, help="examples with answers (.jsonl/.json/.parquet or a datasets name)")
     evaluation.add_argument("--verifier", default="exact", help="exact, numeric, or path/to/file.py:function")
@@ -96,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--max-examples", type=_positive_int, default=None)
     evaluation.set_defaults(run=_eval)
 
-    demo = commands.add_parser("demo", help="the privilege lab in minutes: 4 methods on tiny models, CPU")
+    demo = add_command("demo", help="the privilege lab in minutes: 4 methods on tiny models, CPU")
     demo.add_argument("--output", default="runs/demo", help="folder for results.json, report.md, plots, tokens.html")
     demo.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per method (default 40)")
     demo.set_defaults(run=_demo)
 
     from dopd.lab.methods import SUITES
 
-    lab = commands.add_parser("lab", help="the full lab benchmark: a suite of methods over seeds, with lr tuning")
+    lab = add_command("lab", help="the full lab benchmark: a suite of methods over seeds, with lr tuning")
     lab.add_argument("--suite", default="main", choices=sorted(SUITES), help="which methods (default: main)")
     lab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     lab.add_argument("--task", default="arithmetic", help="a built-in task or path/to/file.py:ClassName")
@@ -111,27 +132,46 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--output", default=None, help="output folder (default runs/lab-SUITE)")
     lab.set_defaults(run=_lab)
 
-    pretrain = commands.add_parser("pretrain", help="pretrain the lab's tiny teacher and student on a task")
+    pretrain = add_command("pretrain", help="pretrain the lab's tiny teacher and student on a task")
     pretrain.add_argument("--task", default="arithmetic", help="a built-in task or path/to/file.py:ClassName")
     pretrain.add_argument("--output", required=True, help="folder for teacher/, student/ and pretrain.json")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(run=_pretrain)
 
-    listing = commands.add_parser("objectives", help="list every objective name")
+    listing = add_command("objectives", help="list every objective name")
     listing.set_defaults(run=_objectives)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command of ``argv``; the exit status (0 done, 2 bad input, 1 internal error)."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except DOPDError as error:
         if args.debug:
             raise
-        print(f"dopd: error: {error}", file=sys.stderr)
+        _print_error(f"error: {error}")
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _print_error("interrupted")
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        _print_error(
+            f"internal error: {type(error).__name__}: {error}; "
+            "rerun with --debug for the traceback and report it"
+        )
+        return 1
     return 0
+
+
+def _print_error(message: str) -> None:
+    """``dopd: <message>`` on one stderr line, however many lines the message had."""
+    print("dopd: " + " ".join(line.strip() for line in message.splitlines()), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ config. Each field's help text lives in its ``metadata["help"]``; ``config_help(
 
 Loading touches neither the network nor any file but the config itself: model, data and tokenizer
 paths are only checked to be non-empty strings here, so configs for models this machine cannot
-hold still validate. Errors are ``ConfigError``s naming the dotted key, the value and the fix.
+hold still validate (``dopd.models.check_sources`` checks the sources when ``dopd train`` starts). Errors are ``ConfigError``s naming the dotted key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 VIEWS = ("privileged", "plain")
 PRIV_STUDENT_WEIGHTS = ("live", "base", "ema")
 OVERLONG_PROMPTS = ("skip", "error")
+LOSS_PATHS = ("auto", "chunked", "reference")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 VERIFIERS = ("exact", "numeric")
 BOOLS = (True, False)
@@ -81,7 +82,8 @@ class ModelSpec:
         default="auto", metadata=doc(f"weight dtype when loading: {', '.join(DTYPES)}")
     )
     trust_remote_code: bool = field(
-        default=False, metadata=doc("let transformers run the model repository's code")
+        default=False,
+        metadata=doc("let transformers run this model repository's code (this model only)"),
     )
 
     def __post_init__(self) -> None:
@@ -113,6 +115,13 @@ class TokenizerSpec:
         default_factory=dict,
         metadata=doc("extra kwargs of apply_chat_template, the same for every view"),
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=doc(
+            "let transformers run code of the tokenizer.path repository "
+            "(null path: student.trust_remote_code applies)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.path is not None and self.characters is not None:
@@ -124,6 +133,12 @@ class TokenizerSpec:
             require_str("path", self.path)
         if self.characters is not None:
             require_str("characters", self.characters)
+        require_choice("trust_remote_code", self.trust_remote_code, BOOLS)
+        if self.trust_remote_code and self.path is None:
+            raise ConfigError(
+                "trust_remote_code=True applies only to tokenizer.path, which is not set; "
+                "fix: set tokenizer.path, or student.trust_remote_code for the student's tokenizer"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,6 +283,10 @@ class OptimConfig:
     micro_batch_size: int = field(
         default=8, metadata=doc("sequences per forward/backward pass (memory, not maths)")
     )
+    max_consecutive_skips: int = field(
+        default=5,
+        metadata=doc("stop with a diagnosis after this many optimizer steps in a row skipped for a non-finite loss or gradient"),
+    )
 
     def __post_init__(self) -> None:
         require_range("lr", self.lr, low=0.0, low_open=True)
@@ -283,6 +302,7 @@ class OptimConfig:
             )
         require_range("max_grad_norm", self.max_grad_norm, low=0.0)
         require_int("micro_batch_size", self.micro_batch_size, low=1)
+        require_int("max_consecutive_skips", self.max_consecutive_skips, low=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -302,6 +322,13 @@ class LoopConfig:
     eval_every: int = field(
         default=0, metadata=doc("optimizer steps between evaluations on data.eval; 0 = off")
     )
+    loss_path: str = field(
+        default="auto",
+        metadata=doc("auto: chunked hidden-state loss when the model's head allows it, else reference; chunked or reference to force one"),
+    )
+    loss_chunk_rows: int = field(
+        default=1024, metadata=doc("token rows per vocabulary projection on the chunked loss path (memory, not maths)")
+    )
 
     def __post_init__(self) -> None:
         require_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
@@ -309,6 +336,8 @@ class LoopConfig:
         require_int("log_every", self.log_every, low=1)
         require_int("save_every", self.save_every, low=0)
         require_int("eval_every", self.eval_every, low=0)
+        require_choice("loss_path", self.loss_path, LOSS_PATHS)
+        require_int("loss_chunk_rows", self.loss_chunk_rows, low=1)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -120,7 +120,24 @@ def _convert_scalar(hint: type, value: Any, key: str) -> Any:
         raise ConfigError(
             f"{key}: an integer of {value.bit_length()} bits is too large; use a 64-bit integer"
         )
+    if hint is str:
+        _require_unicode(value, key)
     return value
+
+
+def _require_unicode(value: str, key: str) -> None:
+    """Refuse lone surrogates: a YAML ``"\\ud800"`` escape, or argv bytes that were not UTF-8.
+
+    Such a string cannot be written to a file or used as a path, so it fails here, named, rather
+    than in ``save_config`` or ``mkdir``.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ConfigError(
+            f"{key}={quote(value)} holds {quote(value[error.start : error.end])}, which is not "
+            "valid UTF-8 text; fix: write the value in UTF-8"
+        ) from None
 
 
 def _require_present(cls: type, values: dict, prefix: str) -> None:
@@ -155,13 +172,33 @@ def _unknown_key(key: Any, names: list[str], prefix: str) -> ConfigError:
         if close
         else f"valid keys here: {', '.join(names)}"
     )
-    return ConfigError(f"{join_key(prefix, key)} is not a config key; {hint}")
+    return ConfigError(f"{join_key(prefix, shown_key(key))} is not a config key; {hint}")
+
+
+def shown_key(key: str) -> str:
+    """``key`` as written, or quoted when it would not read back so (blank, spaces, controls)."""
+    return key if key and key.isprintable() and key.strip() == key else quote(key)
 
 
 def _type_error(hint: Any, value: Any, key: str) -> ConfigError:
+    fix = _EXAMPLES.get(hint if get_origin(hint) is None else get_origin(hint))
+    if is_dataclass(hint):
+        fix = f"write it as a section, e.g. {key}: {{{fields(hint)[0].name}: ...}}"
     return ConfigError(
         f"{key}: expected {_type_name(hint)}, got {type(value).__name__} {quote(value)}"
+        + (f"; fix: {fix}" if fix else "")
     )
+
+
+# The fix of a type error, by expected type (YAML spelling).
+_EXAMPLES = {
+    float: "write a number such as 0.5 or 1e-5",
+    int: "write a whole number such as 8",
+    bool: "write true or false",
+    str: "write text (quote it if YAML would read it as something else)",
+    tuple: "write a list such as [a, b]",
+    dict: "write a mapping such as {key: value}",
+}
 
 
 def _type_name(hint: Any) -> str:
@@ -229,15 +266,24 @@ def read_yaml(path: Path) -> dict:
         raise ConfigError(
             f"{path}: config file not found; check the path given to --config"
         ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read the config file ({error})") from None
+    except UnicodeDecodeError as error:
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8; fix: re-encode the config file as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ConfigError(
+            f"{path}: cannot read the config file ({error.strerror or error}); "
+            "fix: pass a readable YAML file to --config"
+        ) from None
     data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: expected a mapping of config sections, "
-            f"got {type(data).__name__} {quote(data)}"
+            f"got {type(data).__name__} {quote(data)}; fix: write key: value sections "
+            "as in configs/tiny.yaml"
         )
     return data
 
@@ -246,15 +292,25 @@ def parse_yaml(text: str, where: str) -> Any:
     """``text`` parsed by ``_Loader``; errors name ``where`` and the line."""
     try:
         return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds no arbitrary objects
+    except yaml.constructor.ConstructorError as error:
+        # e.g. !!python/object/apply:os.system: a safe loader refuses every object-building tag.
+        mark = error.problem_mark or error.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"{where}{line}: invalid YAML: {error.problem}; fix: write plain values "
+            "(configs are read with a safe loader, which refuses tags that build Python objects)"
+        ) from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(
-            f"{where}{line}: invalid YAML: {error.problem or error.context}"
+            f"{where}{line}: invalid YAML: {error.problem or error.context}; "
+            "fix: correct the YAML there"
         ) from None
     # ValueError: e.g. the date 2024-13-45 or an integer beyond Python's digit limit.
     except (yaml.YAMLError, ValueError, RecursionError) as error:
-        raise ConfigError(f"{where}: invalid YAML ({error})") from None
+        detail = " ".join(str(error).split())  # PyYAML's messages span lines; ours take one
+        raise ConfigError(f"{where}: invalid YAML ({detail}); fix: correct the YAML") from None
 
 
 def apply_override(data: dict, override: str) -> None:
@@ -263,17 +319,17 @@ def apply_override(data: dict, override: str) -> None:
     parts = [part.strip() for part in key.split(".")]
     if not sep or not all(parts):
         raise ConfigError(
-            f"override {override!r} is not key=value with a dotted key; "
+            f"override {quote(override)} is not key=value with a dotted key; "
             "write e.g. objective.top_k=64"
         )
-    key = ".".join(parts)
+    key = shown_key(".".join(parts))
     value = parse_yaml(raw, f"override {key}")
     section = data
     for depth, part in enumerate(parts[:-1]):
         if section.get(part) is None:  # an absent or null section: start it
             section[part] = {}
         if not isinstance(section[part], dict):
-            parent = ".".join(parts[: depth + 1])
+            parent = shown_key(".".join(parts[: depth + 1]))
             raise ConfigError(
                 f"override {key}: {parent}={quote(section[part])} is not a section with keys"
             )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dopd.config_loading import quote
 from dopd.errors import ConfigError, DataError
 
 Messages = list[dict[str, str]]
@@ -26,6 +27,7 @@ TEMPLATE_FIELDS = ("prompt", "privileged_context")
 # apply_chat_template arguments tokenize_prompt sets itself; a config must not override them.
 RESERVED_CHAT_KWARGS = ("tokenize", "add_generation_prompt", "return_dict")
 ROW_FIX = 'each row needs "prompt" (string or chat message list) and "privileged_context" (string)'
+READERS_HELP = ".jsonl, .json (a list of objects) or .parquet file, or a datasets name or folder"
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ def load_examples(source: str) -> list[Example]:
     """
     suffix = Path(source).suffix.lower()
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+    if suffix not in readers and Path(source).is_file():
+        raise DataError(f"{source}: unsupported file type {suffix or '(none)'!r}; fix: give a {READERS_HELP}")
     rows = readers.get(suffix, _read_dataset)(source)
     if not rows:
         raise DataError(f"{source}: no examples found; fix: add at least one row ({ROW_FIX})")
@@ -77,11 +81,24 @@ def example_from_row(row: Any, where: str) -> Example:
 def _require_text(value: Any, field: str, where: str) -> None:
     if not isinstance(value, str):
         raise DataError(
-            f"{where}: {field}={value!r} has type {type(value).__name__}; "
+            f"{where}: {field}={quote(value)} has type {type(value).__name__}; "
             "fix: write it as a JSON string"
         )
     if not value.strip():
         raise DataError(f"{where}: {field} is empty; fix: give it non-blank text or drop the row")
+    _require_unicode(value, field, where)
+
+
+def _require_unicode(value: str, field: str, where: str) -> None:
+    """Refuse lone surrogates (JSON allows the escape ``\\ud800``): no tokenizer can encode them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = value[error.start : error.end]
+        raise DataError(
+            f"{where}: {field} holds the unpaired surrogate {bad!r} at character {error.start}, "
+            "which is not text; fix: remove it or escape a whole surrogate pair"
+        ) from None
 
 
 def _check_messages(messages: Any, where: str) -> None:
@@ -89,15 +106,17 @@ def _check_messages(messages: Any, where: str) -> None:
     fix = 'write the prompt as [{"role": "user", "content": "..."}, ...]'
     if not isinstance(messages, list) or not messages:
         raise DataError(
-            f"{where}: prompt={messages!r} is neither text nor a message list; fix: {fix}"
+            f"{where}: prompt={quote(messages)} is neither text nor a message list; fix: {fix}"
         )
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not all(
             isinstance(message.get(key), str) for key in ("role", "content")
         ):
             raise DataError(
-                f"{where}: prompt[{index}]={message!r} lacks string role/content; fix: {fix}"
+                f"{where}: prompt[{index}]={quote(message)} lacks string role/content; fix: {fix}"
             )
+        for key in ("role", "content"):
+            _require_unicode(message[key], f"prompt[{index}].{key}", where)
     user_turns = [message for message in messages if message["role"] == "user"]
     if not user_turns:
         raise DataError(
@@ -108,15 +127,21 @@ def _check_messages(messages: Any, where: str) -> None:
 
 def _require_file(path: str) -> Path:
     file = Path(path)
+    if file.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file; fix: give a {READERS_HELP}")
     if not file.is_file():
         raise DataError(f"{path}: no such file; fix: check the data path")
     return file
 
 
 def _read_text(path: str) -> str:
-    raw = _require_file(path).read_bytes()
     try:
-        return raw.decode("utf-8")
+        raw = _require_file(path).read_bytes()
+    except OSError as error:  # e.g. no read permission
+        raise DataError(f"{path}: cannot read ({error.strerror or error}); fix: check its permissions") from None
+    try:
+        # utf-8-sig: a byte-order mark (editors on Windows write one) is not part of the JSON.
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         raise DataError(
@@ -137,6 +162,8 @@ def _read_jsonl(path: str) -> list[tuple[str, Any]]:
                 f"{path}:{number}: invalid JSON ({error.msg}, column {error.colno}); "
                 "fix: write exactly one JSON object per line"
             ) from None
+        except RecursionError:
+            raise _too_deep(f"{path}:{number}") from None
     return rows
 
 
@@ -148,6 +175,8 @@ def _read_json(path: str) -> list[tuple[str, Any]]:
         raise DataError(
             f"{path}:{error.lineno}: invalid JSON ({error.msg}); fix: correct the syntax"
         ) from None
+    except RecursionError:
+        raise _too_deep(path) from None
     if not isinstance(items, list):
         raise DataError(
             f"{path}: top level is a {type(items).__name__}; fix: make it a list of objects"
@@ -157,6 +186,11 @@ def _read_json(path: str) -> list[tuple[str, Any]]:
         (f"{path}:{line} (item {index})", item)
         for index, (line, item) in enumerate(zip(lines, items))
     ]
+
+
+def _too_deep(where: str) -> DataError:
+    # json.loads recurses once per nesting level; Python's recursion limit ends it first.
+    return DataError(f"{where}: JSON nested too deeply to read; fix: flatten the row")
 
 
 def _array_item_lines(text: str) -> list[int]:
@@ -204,19 +238,35 @@ def _read_dataset(source: str) -> list[tuple[str, Any]]:
 
 def check_privileged_template(template: str) -> None:
     """Raise ``ConfigError`` unless ``template`` is a format string using exactly ``{prompt}``
-    and ``{privileged_context}``."""
+    and ``{privileged_context}``, each plain: no conversion (``!r``) and no format spec (``:>9``),
+    so filling it with any two strings cannot fail."""
     try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        template.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ConfigError(
+            f"privileged_template={quote(template)} holds the unpaired surrogate "
+            f"{template[error.start : error.end]!r}, which is not text; fix: remove it"
+        ) from None
+    try:
+        parsed = [field for field in string.Formatter().parse(template) if field[1] is not None]
     except ValueError as error:
         raise ConfigError(
-            f"privileged_template={template!r} is not a format string ({error}); "
+            f"privileged_template={quote(template)} is not a format string ({error}); "
             "write literal braces as {{ and }}"
         ) from None
+    names = {name for _, name, _, _ in parsed}
     if names != set(TEMPLATE_FIELDS):
         raise ConfigError(
-            f"privileged_template={template!r} uses fields {sorted(names)}; "
+            f"privileged_template={quote(template)} uses fields {quote(sorted(names))}; "
             "it must use exactly {prompt} and {privileged_context}"
         )
+    for _, name, spec, conversion in parsed:
+        if spec or conversion:
+            written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ConfigError(
+                f"privileged_template={quote(template)} writes {quote(written)}; "
+                f"write plain {{{name}}} (no conversion or format spec)"
+            )
 
 
 def privileged_prompt(example: Example, template: str = DEFAULT_PRIVILEGED_TEMPLATE) -> Prompt:

@@ -5,6 +5,10 @@ Gumbel-max sampler draws its uniforms from a counter-based hash instead of the g
 rollout is therefore the same however prompts are split across micro-batches, ranks or resumed
 runs, which is what makes a 2-process run equal a 1-process run and a resumed run equal an
 uninterrupted one. Gumbel-max over the warped logits is exact sampling from their softmax.
+
+When the student's output head is padded past the run's common vocabulary (a smaller teacher
+head, ``dopd.models.common_vocabulary``), the padded columns are masked to -inf before anything
+else, so no rollout holds an id that another view cannot score.
 """
 
 from __future__ import annotations
@@ -33,6 +37,21 @@ def rollout_seeds(seed: int, step: int, prompt_ids: Tensor, num_generations: int
     generation = torch.arange(num_generations, dtype=torch.long)
     rows = prompt_ids.long().unsqueeze(-1) * 1_000_003 + generation  # [P, G]
     return splitmix(splitmix(rows.flatten() + step * 2_147_483_647) + seed)
+
+
+class VocabularyMask(LogitsProcessor):
+    """Sets the logits ``[B, V_model]`` of ids ``>= vocab_size`` to -inf, so they are never
+    generated; returns the scores themselves when the head has no such ids."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if scores.shape[-1] <= self.vocab_size:
+            return scores
+        padded = torch.arange(self.vocab_size, scores.shape[-1], device=scores.device)
+        # Out of place: generate may keep the scores it passes in (output_scores).
+        return scores.index_fill(-1, padded, float("-inf"))  # [B, V_model]
 
 
 class HashGumbelSampler(LogitsProcessor):
@@ -87,6 +106,7 @@ def generate_rollouts(
     top_p: float = 1.0,
     top_k: int = 0,
     row_seeds: Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> Rollouts:
     """Sample ``num_generations`` completions per prompt (greedy when ``row_seeds`` is None).
 
@@ -94,6 +114,8 @@ def generate_rollouts(
         model: a Hugging Face causal LM (unwrapped).
         prompt_ids: ``P`` token-id lists, not padded.
         row_seeds: ``[P * num_generations]`` int64 from ``rollout_seeds``; None decodes greedily.
+        vocab_size: the run's common vocabulary; when the model's head is larger, ids
+            ``>= vocab_size`` are masked (first, before temperature, top-k, top-p and sampling).
 
     Returns:
         ``Rollouts`` with ``B = P * num_generations`` rows, prompt-major.
@@ -102,6 +124,8 @@ def generate_rollouts(
     repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
     input_ids, attention_mask = left_pad(repeated, pad_token_id, device)
     processors = LogitsProcessorList()
+    if vocab_size is not None:
+        processors.append(VocabularyMask(vocab_size))
     if row_seeds is not None:
         if temperature != 1.0:
             processors.append(TemperatureLogitsWarper(temperature))

@@ -7,6 +7,21 @@ Order of work (METHOD.md sections 2 and 5):
    reduction denominator *before any loss*;
 3. forward+backward each micro-batch with those thresholds and that denominator, so that the
    summed gradient equals the full batch's whatever the split.
+
+Two loss paths give the same results (tests/test_step.py):
+
+* ``chunked`` (the default where it applies): scoring keeps each constant view's final hidden
+  states at the valid completion tokens (``[N, H]``, H << V) and its output-head weight; the
+  statistics and the loss project them ``chunk_rows`` rows at a time
+  (``dopd.objectives.chunked``), so no ``[b, T, V]`` logits exist and a full-vocabulary term
+  costs only its own rows;
+* ``reference``: ``[b, T, V]`` logits of every view and ``objective_loss``. ``auto`` falls back
+  to it when a model's logits are not its hidden states times its head weight (no exposed
+  ``torch.nn.Linear`` head, a head bias, logit soft-capping or scaling) or parameters are
+  sharded (FSDP, DeepSpeed).
+
+Both paths score the common vocabulary ``vocab_size`` (``dopd.models.common_vocabulary``): a
+padded head's logits, or its weight's rows, are cut to the first ``vocab_size`` ids.
 """
 
 from __future__ import annotations
@@ -14,19 +29,38 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import Tensor
 
-from dopd.alignment import ViewInputs, build_view_inputs, check_aligned, completion_logits
+from dopd.alignment import (
+    HeadInputs,
+    ViewInputs,
+    build_view_inputs,
+    check_aligned,
+    completion_hidden_states,
+    completion_logits,
+    output_head_problem,
+)
 from dopd.distributed import gather_rows, sum_across
+from dopd.errors import DOPDError, require_choice, require_int
 from dopd.objectives.base import Objective, objective_loss
-from dopd.objectives.reduction import loss_denominator
+from dopd.objectives.chunked import DEFAULT_CHUNK_SIZE, chunked_objective_loss, chunked_statistics
+from dopd.objectives.reduction import loss_denominator, row_weights
 from dopd.objectives.statistics import merge_statistics
-from dopd.objectives.views import TokenViews
+from dopd.objectives.views import VIEW_NAMES, TokenViews, compute_dtype, logits_entropy
 
 CONSTANT_VIEWS = ("priv_student", "teacher", "reference")
+PATHS = ("auto", "chunked", "reference")
+# Parameters sharded across ranks: the head weight is not whole outside the forward.
+SHARDED = tuple(
+    getattr(DistributedType, name)
+    for name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+    if hasattr(DistributedType, name)
+)
 
 
 @dataclass
@@ -67,17 +101,50 @@ def make_micro_batches(
 
 
 @torch.no_grad()
-def score_constant_views(models: dict[str, torch.nn.Module], batch: MicroBatch) -> dict[str, Tensor]:
-    """No-grad completion logits ``[b, T, V]`` of every constant view that has a model."""
-    return {name: completion_logits(models[name], batch.inputs[name]) for name in CONSTANT_VIEWS if name in models}
+def score_constant_views(models: dict[str, torch.nn.Module], batch: MicroBatch, vocab_size: int | None = None) -> dict[str, Tensor]:
+    """No-grad completion logits ``[b, T, V]`` of every constant view that has a model, cut to
+    ``vocab_size`` columns when given (``completion_logits``)."""
+    return {name: completion_logits(models[name], batch.inputs[name], vocab_size) for name in CONSTANT_VIEWS if name in models}
 
 
 @dataclass
 class StepOutput:
-    """Reduced results of one step (identical on every rank)."""
+    """Reduced results of one step (identical on every rank).
+
+    Attributes:
+        loss: 0-d float; metrics: name -> float; path: the loss path taken (``chunked`` or
+            ``reference``).
+    """
 
     loss: Tensor
     metrics: dict[str, float]
+    path: str = "reference"
+
+
+def choose_path(accelerator: Accelerator, student: torch.nn.Module, models: dict[str, torch.nn.Module], path: str = "auto") -> str:
+    """``"chunked"`` or ``"reference"``: the loss path a step takes for ``path``.
+
+    ``auto`` takes the chunked path when it computes exactly what the reference does, else the
+    reference path; ``chunked`` raises ``DOPDError`` saying why it cannot run.
+    """
+    require_choice("path", path, PATHS)
+    if path == "reference":
+        return path
+    problem = _chunked_problem(accelerator, student, models)
+    if problem is None:
+        return "chunked"
+    if path == "chunked":
+        raise DOPDError(f"path='chunked' cannot run: {problem}; use path='reference' or 'auto' (which falls back)")
+    return "reference"
+
+
+def _chunked_problem(accelerator: Accelerator, student: torch.nn.Module, models: dict[str, torch.nn.Module]) -> str | None:
+    if accelerator.distributed_type in SHARDED:
+        return f"distributed_type={accelerator.distributed_type} shards the parameters"
+    for name, model in {"student": accelerator.unwrap_model(student), **models}.items():
+        if (problem := output_head_problem(model)) is not None:
+            return f"the {name} model: {problem}"
+    return None
 
 
 def run_step(
@@ -86,6 +153,10 @@ def run_step(
     student: torch.nn.Module,
     models: dict[str, torch.nn.Module],
     batches: list[MicroBatch],
+    *,
+    path: str = "auto",
+    chunk_rows: int = DEFAULT_CHUNK_SIZE,
+    vocab_size: int | None = None,
 ) -> StepOutput:
     """Accumulate the gradient of one optimizer step into ``student`` (no optimizer call).
 
@@ -93,45 +164,125 @@ def run_step(
         student: the prepared (possibly DDP-wrapped) trainable model.
         models: constant-view models by name (``priv_student``, ``teacher``, ``reference``).
         batches: this rank's micro-batches.
+        path: ``auto`` (chunked where exact, else reference), ``chunked`` or ``reference``.
+        chunk_rows: token rows projected through an output head at a time on the chunked path;
+            its extra memory grows as ``chunk_rows x V``.
+        vocab_size: the common vocabulary of the heads (``dopd.models.common_vocabulary``): every
+            view is scored over ids ``0 .. vocab_size - 1``. None (or every head's size) scores
+            each head whole, which then requires equal sizes.
     """
+    require_int("chunk_rows", chunk_rows, low=1)
+    chosen = choose_path(accelerator, student, models, path)
+    views = (_ChunkedViews if chosen == "chunked" else _ReferenceViews)(objective, student, models, chunk_rows, vocab_size)
     start = time.perf_counter()
-    constant_logits = [score_constant_views(models, batch) for batch in batches]
-    statistics = [_statistics(objective, student, batch, logits) for batch, logits in zip(batches, constant_logits)]
+    scores = [views.score(batch) for batch in batches]
+    statistics = [views.statistics(batch, score) for batch, score in zip(batches, scores)] if objective.statistics_views else []
     scored = time.perf_counter()
-    merged = {key: gather_rows(accelerator, value) for key, value in merge_statistics(statistics).items()} if statistics[0] else {}
+    merged = {key: gather_rows(accelerator, value) for key, value in merge_statistics(statistics).items()} if statistics else {}
     thresholds = objective.thresholds(merged)
     reduction = objective.config.reduction
     denominator = sum_across(accelerator, sum(loss_denominator(b.completion_mask, reduction) for b in batches))
 
     totals = _Totals(len(objective.group_names), accelerator.device)
-    for index, (batch, logits) in enumerate(zip(batches, constant_logits)):
+    for index, (batch, score) in enumerate(zip(batches, scores)):
         sync = index == len(batches) - 1
         with nullcontext() if sync else accelerator.no_sync(student):
-            student_logits = completion_logits(student, batch.inputs["student"])  # [b, T, V]
-            out = objective_loss(
-                objective, student_logits, logits.get("priv_student"), logits.get("teacher"),
-                batch.completion_ids, batch.completion_mask, reference_logits=logits.get("reference"),
-                thresholds=thresholds, denominator=denominator,
-            )
+            out = views.loss(batch, score, thresholds, denominator)
             # Data parallelism averages gradients over ranks; each rank's loss already divides by
             # the global denominator, so scale back up to get the sum.
             accelerator.backward(out.loss * accelerator.num_processes)
-        totals.add(out, student_logits.detach(), batch.completion_mask)
+        totals.add(out)
     metrics = totals.reduce(accelerator, objective)
     metrics.update({"time/scoring": scored - start, "time/forward_backward": time.perf_counter() - scored})
     metrics.update({k: float(v) for k, v in objective.metrics(merged, thresholds).items()} if merged else {})
-    return StepOutput(torch.tensor(metrics["loss"]), metrics)
+    return StepOutput(torch.tensor(metrics["loss"]), metrics, chosen)
 
 
-def _statistics(objective: Objective, student, batch: MicroBatch, logits: dict[str, Tensor]) -> dict[str, Tensor]:
-    if not objective.statistics_views:
-        return {}
-    views = {name: logits[name] for name in objective.statistics_views if name != "student"}
-    if "student" in objective.statistics_views:
-        with torch.no_grad():
-            views["student"] = completion_logits(student, batch.inputs["student"])
-    token_views = TokenViews.from_batch(views, batch.completion_ids, batch.completion_mask.bool(), objective.config.temperature)
-    return objective.statistics(token_views)
+@dataclass
+class _BatchLoss:
+    """One micro-batch's loss and, at its ``N`` valid tokens, ``[N]`` groups, weighted per-token
+    losses and student entropies (detached)."""
+
+    loss: Tensor
+    groups: Tensor
+    per_token: Tensor
+    entropy: Tensor
+
+
+class _ReferenceViews:
+    """Every view as ``[b, T, V]`` logits, the loss by ``objective_loss``."""
+
+    def __init__(self, objective: Objective, student: torch.nn.Module, models: dict[str, torch.nn.Module], chunk_rows: int, vocab_size: int | None):
+        self.objective, self.student, self.models, self.vocab_size = objective, student, models, vocab_size
+
+    def score(self, batch: MicroBatch) -> dict[str, Tensor]:
+        return score_constant_views(self.models, batch, self.vocab_size)
+
+    def statistics(self, batch: MicroBatch, logits: dict[str, Tensor]) -> dict[str, Tensor]:
+        views = {name: logits[name] for name in self.objective.statistics_views if name != "student"}
+        if "student" in self.objective.statistics_views:
+            with torch.no_grad():
+                views["student"] = completion_logits(self.student, batch.inputs["student"], self.vocab_size)
+        token_views = TokenViews.from_batch(views, batch.completion_ids, batch.completion_mask.bool(), self.objective.config.temperature)
+        return self.objective.statistics(token_views)
+
+    def loss(self, batch: MicroBatch, logits: dict[str, Tensor], thresholds: Any, denominator: Tensor) -> _BatchLoss:
+        student_logits = completion_logits(self.student, batch.inputs["student"], self.vocab_size)  # [b, T, V]
+        out = objective_loss(
+            self.objective, student_logits, logits.get("priv_student"), logits.get("teacher"),
+            batch.completion_ids, batch.completion_mask, reference_logits=logits.get("reference"),
+            thresholds=thresholds, denominator=denominator,
+        )
+        mask = batch.completion_mask.bool()
+        return _BatchLoss(out.loss, out.groups[mask], out.per_token_loss[mask], logits_entropy(student_logits[mask]))
+
+
+class _ChunkedViews:
+    """Every view as final hidden states ``[N, H]`` at the valid tokens plus its head weight; the
+    statistics and the loss project them ``chunk_rows`` rows at a time."""
+
+    def __init__(self, objective: Objective, student: torch.nn.Module, models: dict[str, torch.nn.Module], chunk_rows: int, vocab_size: int | None):
+        self.objective, self.student, self.models = objective, student, models
+        self.chunk_rows, self.vocab_size = chunk_rows, vocab_size
+
+    @torch.no_grad()
+    def score(self, batch: MicroBatch) -> dict[str, HeadInputs]:
+        mask = batch.completion_mask.bool()
+        return {
+            name: completion_hidden_states(self.models[name], batch.inputs[name], self.vocab_size).select(mask)  # [N, H]
+            for name in CONSTANT_VIEWS
+            if name in self.models
+        }
+
+    def statistics(self, batch: MicroBatch, heads: dict[str, HeadInputs]) -> dict[str, Tensor]:
+        mask = batch.completion_mask.bool()
+        if "student" in self.objective.statistics_views:
+            with torch.no_grad():
+                heads = {**heads, "student": completion_hidden_states(self.student, batch.inputs["student"], self.vocab_size).select(mask)}
+        return chunked_statistics(
+            self.objective, token_ids=batch.completion_ids[mask], chunk_size=self.chunk_rows, **_view_arguments(heads)
+        )
+
+    def loss(self, batch: MicroBatch, heads: dict[str, HeadInputs], thresholds: Any, denominator: Tensor) -> _BatchLoss:
+        mask = batch.completion_mask.bool()
+        # Through the (possibly DDP-wrapped) student, so that its backward syncs gradients.
+        student = completion_hidden_states(self.student, batch.inputs["student"], self.vocab_size).select(mask)  # [N, H]
+        weights = row_weights(mask, self.objective.config.reduction, denominator, dtype=compute_dtype(student.dtype))  # [N]
+        out = chunked_objective_loss(
+            self.objective, token_ids=batch.completion_ids[mask], row_weights=weights, thresholds=thresholds,
+            chunk_size=self.chunk_rows, student_entropy=True, **_view_arguments({**heads, "student": student}),
+        )
+        return _BatchLoss(out.loss, out.groups, out.per_token_loss, out.student_entropy)
+
+
+def _view_arguments(heads: dict[str, HeadInputs]) -> dict[str, Tensor | None]:
+    """``{view}_hidden`` ``[N, H]`` and ``{view}_head_weight`` ``[V, H]`` keyword arguments of the
+    chunked loss, in the dtype each head computes in (None for views without a model)."""
+    arguments = {}
+    for name in VIEW_NAMES:
+        hidden, weight = heads[name].projection() if name in heads else (None, None)
+        arguments[f"{name}_hidden"], arguments[f"{name}_head_weight"] = hidden, weight
+    return arguments
 
 
 class _Totals:
@@ -141,17 +292,13 @@ class _Totals:
         self.values = torch.zeros(2 * num_groups + 3, dtype=torch.float64, device=device)
         self.num_groups = num_groups
 
-    def add(self, out, student_logits: Tensor, mask: Tensor) -> None:
-        g = self.num_groups
-        groups = out.groups[mask.bool()]
-        per_token = out.per_token_loss[mask.bool()].double()
+    def add(self, out: _BatchLoss) -> None:
+        g, groups = self.num_groups, out.groups
         self.values[:g] += torch.bincount(groups, minlength=g)[:g].double()
-        self.values[g:2 * g] += torch.zeros(g, dtype=torch.float64, device=per_token.device).index_add(0, groups, per_token)
-        logp = student_logits.float().log_softmax(-1)
-        entropy = -(logp.exp() * logp.clamp_min(-1e4)).sum(-1)[mask.bool()]
+        self.values[g:2 * g] += torch.zeros(g, dtype=torch.float64, device=groups.device).index_add(0, groups, out.per_token.double())
         self.values[2 * g] += out.loss.detach().double()
-        self.values[2 * g + 1] += entropy.double().sum()
-        self.values[2 * g + 2] += mask.sum()
+        self.values[2 * g + 1] += out.entropy.double().sum()
+        self.values[2 * g + 2] += groups.numel()
 
     def reduce(self, accelerator: Accelerator, objective: Objective) -> dict[str, float]:
         values = sum_across(accelerator, self.values).tolist()

@@ -467,3 +467,33 @@ def test_outputs_have_documented_shapes():
     assert out.groups.dtype == torch.long and all(
         value.shape == (7,) for value in out.statistics.values()
     )
+
+
+def test_student_entropy_is_the_entropy_of_the_untempered_student_logits():
+    rollout = random_rollout(3, 6, 61, seed=13, lengths=[6, 0, 4])
+    _leaves(rollout)
+    objective = build_objective("dopd", top_k=8, temperature=0.7)
+    out = _chunked(objective, rollout, 4, student_entropy=True)
+    logp = rollout.logits("student")[rollout.mask].detach().log_softmax(-1)  # [N, V]
+    expected = -(logp.exp() * logp).sum(-1)  # [N]
+    torch.testing.assert_close(out.student_entropy, expected, rtol=1e-12, atol=1e-12)
+    assert _chunked(objective, rollout, 4).student_entropy is None
+
+
+@pytest.mark.parametrize("name", ["dopd", "eopd", "pruned_opd"])
+def test_statistics_need_only_the_statistics_views(name):
+    rollout = random_rollout(2, 6, 45, seed=14, lengths=[6, 3])
+    objective = build_objective(name)
+    mask = rollout.mask
+    hidden = {view: value[mask] for view, value in rollout.hidden.items()}  # [N, d] each
+    kept = {
+        f"{view}_{kind}": value
+        for view in objective.statistics_views
+        for kind, value in (("hidden", hidden[view]), ("head_weight", rollout.heads[view]))
+    }
+    views = {f"{view}_{kind}": None for view in VIEWS for kind in ("hidden", "head_weight")}
+    out = chunked_statistics(objective, token_ids=rollout.ids[mask], chunk_size=4, **{**views, **kept})
+    expected = _statistics(objective, rollout, chunk_size=4)
+    assert out.keys() == expected.keys()
+    for key, value in out.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-12, atol=1e-12)

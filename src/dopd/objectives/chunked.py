@@ -28,7 +28,9 @@ from torch import Tensor
 
 from dopd.objectives.base import Objective, TokenLosses, objective_metrics, token_losses
 from dopd.objectives.statistics import merge_statistics
-from dopd.objectives.views import VIEW_NAMES, TokenViews, compute_dtype
+from dopd.objectives.views import VIEW_NAMES, TokenViews, compute_dtype, logits_entropy
+
+DEFAULT_CHUNK_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class ChunkedOutput:
         thresholds: the step-level thresholds used (``None`` if the objective has none).
         statistics: name -> ``[N]`` float per-token statistics.
         metrics: name -> Python float, as ``ObjectiveOutput.metrics``.
+        student_entropy: ``[N]`` float entropy (nats) of the student's logits before the loss
+            temperature, when asked for (``student_entropy=True``), else None.
     """
 
     loss: Tensor
@@ -68,12 +72,13 @@ class ChunkedOutput:
     thresholds: Any
     statistics: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    student_entropy: Tensor | None = None
 
 
 def chunked_statistics(
     objective: Objective,
-    student_hidden: Tensor,
-    student_head_weight: Tensor,
+    student_hidden: Tensor | None,
+    student_head_weight: Tensor | None,
     priv_student_hidden: Tensor | None,
     teacher_hidden: Tensor | None,
     teacher_head_weight: Tensor | None,
@@ -82,13 +87,14 @@ def chunked_statistics(
     reference_hidden: Tensor | None = None,
     reference_head_weight: Tensor | None = None,
     priv_student_head_weight: Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> dict[str, Tensor]:
     """Per-token statistics of ``objective``, projecting only its ``statistics_views``.
 
     Merge the results of every micro-batch and rank (``merge_statistics``) and pass
     ``objective.thresholds(merged)`` to ``chunked_objective_loss`` for exact step-level routing.
-    Arguments as in ``chunked_objective_loss``.
+    Arguments as in ``chunked_objective_loss``; only the ``statistics_views`` are required (the
+    student's hidden states may be None when the statistics do not read it).
 
     Returns:
         name -> ``[N]`` float, detached.
@@ -97,7 +103,7 @@ def chunked_statistics(
         student_hidden, student_head_weight, priv_student_hidden, priv_student_head_weight,
         teacher_hidden, teacher_head_weight, reference_hidden, reference_head_weight,
     )  # fmt: skip
-    heads = _heads(objective, token_ids, chunk_size, views)
+    heads = _heads(objective, token_ids, chunk_size, views, set(objective.statistics_views))
     return _statistics(objective, heads, token_ids, chunk_size)
 
 
@@ -115,7 +121,8 @@ def chunked_objective_loss(
     reference_head_weight: Tensor | None = None,
     priv_student_head_weight: Tensor | None = None,
     thresholds: Any = None,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    student_entropy: bool = False,
 ) -> ChunkedOutput:
     """Loss of ``objective`` on ``N`` valid completion tokens; equals ``objective_loss`` on the
     logits ``hidden @ weight.T`` of every view, in value and gradient.
@@ -138,6 +145,8 @@ def chunked_objective_loss(
         priv_student_head_weight: ``[V, d_S]``; default ``student_head_weight`` (constant).
         thresholds: step-level thresholds; None computes them from these ``N`` rows.
         chunk_size: rows projected at a time; peak memory grows as ``chunk_size x V``.
+        student_entropy: also return the student's per-row entropy (a metric), computed from
+            each chunk's logits while they exist.
 
     Returns:
         ``ChunkedOutput``; the loss is ``sum(row_weights * per_token_loss)``.
@@ -146,7 +155,7 @@ def chunked_objective_loss(
         student_hidden, student_head_weight, priv_student_hidden, priv_student_head_weight,
         teacher_hidden, teacher_head_weight, reference_hidden, reference_head_weight,
     )  # fmt: skip
-    heads = _heads(objective, token_ids, chunk_size, views)
+    heads = _heads(objective, token_ids, chunk_size, views, _loss_views(objective))
     if row_weights.shape != token_ids.shape:
         raise ValueError(
             f"row_weights must be [N] = {tuple(token_ids.shape)} like token_ids; "
@@ -161,9 +170,10 @@ def chunked_objective_loss(
         gradients = _Gradients(
             heads["student"], student_hidden.requires_grad, student_head_weight.requires_grad
         )
-    value, parts = _loss_pass(
-        objective, heads, token_ids, row_weights, thresholds, chunk_size, gradients
-    )
+    value, parts, entropy = _loss_pass(
+        objective, heads, token_ids, row_weights, thresholds, chunk_size, gradients,
+        student_entropy,
+    )  # fmt: skip
     loss = (
         value if gradients is None else gradients.attach(value, student_hidden, student_head_weight)
     )
@@ -171,7 +181,7 @@ def chunked_objective_loss(
     groups = torch.cat([part.groups for part in parts])  # [N]
     statistics = merge_statistics(part.statistics for part in parts)
     metrics = objective_metrics(objective, groups, per_token, statistics, thresholds)
-    return ChunkedOutput(loss, per_token, groups, thresholds, statistics, metrics)
+    return ChunkedOutput(loss, per_token, groups, thresholds, statistics, metrics, entropy)
 
 
 def _views(
@@ -190,25 +200,26 @@ def _views(
     }
 
 
-def _heads(
-    objective: Objective,
-    token_ids: Tensor,
-    chunk_size: int,
-    views: dict[str, tuple[Tensor | None, Tensor | None]],
-) -> dict[str, Head]:
-    """The views the objective reads (its terms and its statistics), detached, after checks."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+def _loss_views(objective: Objective) -> set[str]:
+    """The views the loss pass reads: the student, the terms' targets, the statistics' views."""
     used = {
         "priv_student": objective.uses_priv_student,
         "teacher": objective.uses_teacher,
         "reference": objective.uses_reference,
     }
-    needed = {
-        "student",
-        *objective.statistics_views,
-        *(name for name, flag in used.items() if flag),
-    }
+    return {"student", *objective.statistics_views, *(name for name, flag in used.items() if flag)}
+
+
+def _heads(
+    objective: Objective,
+    token_ids: Tensor,
+    chunk_size: int,
+    views: dict[str, tuple[Tensor | None, Tensor | None]],
+    needed: set[str],
+) -> dict[str, Head]:
+    """The ``needed`` views, detached, after checks."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     heads = {}
     for name in VIEW_NAMES:
         hidden, weight = views[name]
@@ -221,12 +232,13 @@ def _heads(
             )
         _check_head(name, hidden, weight, token_ids)
         heads[name] = Head(hidden.detach(), weight.detach())
-    vocab = heads["student"].weight.shape[0]
+    first = next(iter(heads), None)
     for name, head in heads.items():
-        if head.weight.shape[0] != vocab:
+        if head.weight.shape[0] != heads[first].weight.shape[0]:
             raise ValueError(
-                f"vocabulary size mismatch: the student's head has V={vocab} but the {name} "
-                f"head has V={head.weight.shape[0]}; slice or pad both heads to one vocabulary"
+                f"vocabulary size mismatch: the {first} head has V={heads[first].weight.shape[0]} "
+                f"but the {name} head has V={head.weight.shape[0]}; pass the first rows of each "
+                "head, weight[:V_common] (V_common from dopd.models.common_vocabulary)"
             )
     return heads
 
@@ -283,20 +295,25 @@ def _loss_pass(
     thresholds: Any,
     chunk_size: int,
     gradients: _Gradients | None,
-) -> tuple[Tensor, list[TokenLosses]]:
+    student_entropy: bool,
+) -> tuple[Tensor, list[TokenLosses], Tensor | None]:
     """Sum over chunks of ``row_weights * per_token``, the detached per-chunk ``TokenLosses``,
-    and each chunk's gradient pushed into ``gradients`` (when given) before the next chunk."""
-    values, parts = [], []
+    the student's ``[N]`` entropy (when asked), and each chunk's gradient pushed into
+    ``gradients`` (when given) before the next chunk."""
+    values, parts, entropies = [], [], []
     for rows in _chunks(token_ids.shape[0], chunk_size):
         student_logits, part, chunk_loss = _chunk_loss(
             objective, heads, token_ids, row_weights, rows, thresholds, gradients is not None
         )
         if gradients is not None:
             gradients.add(rows, torch.autograd.grad(chunk_loss, student_logits)[0])
+        if student_entropy:
+            entropies.append(logits_entropy(student_logits.detach()))  # [C]
         values.append(chunk_loss.detach())
         part.per_token = part.per_token.detach()
         parts.append(part)
-    return torch.stack(values).sum(), parts
+    entropy = torch.cat(entropies) if student_entropy else None  # [N]
+    return torch.stack(values).sum(), parts, entropy
 
 
 def _chunk_loss(

@@ -18,6 +18,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def logits_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats) of ``softmax(logits)``: ``[..., V]`` any float dtype -> ``[...]`` float32 or
+    wider, detached."""
+    logp = logits.detach().to(compute_dtype(logits.dtype)).log_softmax(-1)
+    # 0 * log 0 is 0: clamp -inf log-probs (masked tokens) so that they do not give 0 * -inf = nan.
+    return -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
+
+
 class TokenViews:
     """Per-view logits at the valid positions.
 
@@ -82,5 +90,4 @@ class TokenViews:
 
     def entropy(self, view: str) -> Tensor:
         """``[N]`` entropy (nats) of ``view`` at every row, detached."""
-        logp = self.logits[view].detach().log_softmax(-1)
-        return -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
+        return logits_entropy(self.logits[view])

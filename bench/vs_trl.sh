@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One command for bench/vs_trl.py: build the TRL virtualenv once, then run the bench in it.
+#
+#     bash bench/vs_trl.sh --json docs/bench-vs-trl-cpu.json [other bench/vs_trl.py options]
+#
+# The venv ($TRL_VENV, default /tmp/trlvenv) sees the system packages and gets only the pinned TRL,
+# installed with --no-deps so that pip cannot replace the system torch or transformers.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+venv="${TRL_VENV:-/tmp/trlvenv}"
+pin="$(grep -E '^trl==' "$here/requirements-trl.txt")"
+if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('trl') != '${pin#trl==}')" 2>/dev/null; then
+    python3 -m venv --system-site-packages "$venv"
+    "$venv/bin/pip" install --quiet --no-deps "$pin"
+fi
+exec "$venv/bin/python" "$here/vs_trl.py" "$@"
