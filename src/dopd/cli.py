@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = add_command("demo", help="the privilege lab in minutes: 4 methods on tiny models, CPU")
     demo.add_argument("--output", default="runs/demo", help="folder for results.json, report.md, plots, tokens.html")
-    demo.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per method (default 40)")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per method (default 60)")
     demo.set_defaults(run=_demo)
 
     from dopd.lab.methods import SUITES
