@@ -58,7 +58,7 @@ def test_demo_path_writes_a_valid_results_json(tmp_path):
     assert "Regime placement by token role" in (tmp_path / "report.md").read_text()
     for name in ("report.md", "curves.png", "regimes.png", "tokens.html"):
         assert (tmp_path / name).stat().st_size > 0
-    records = [json.loads(line) for line in (tmp_path / "runs" / "dopd" / "seed0-lr0.0003" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "dopd" / f"seed0-lr{settings.lr:g}" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and set(records[0]) == {"step", "eval/accuracy"}  # curves start at the untrained student
 
 
