@@ -20,13 +20,19 @@ reference path (the trainer falls back to it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from dopd.objectives.base import Objective, TokenLosses, objective_metrics, token_losses
+from dopd.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    TokenLosses,
+    objective_metrics,
+    token_losses,
+)
 from dopd.objectives.statistics import merge_statistics
 from dopd.objectives.views import VIEW_NAMES, TokenViews, compute_dtype, logits_entropy
 
@@ -51,7 +57,7 @@ class Head:
 
 
 @dataclass
-class ChunkedOutput:
+class ChunkedOutput(ObjectiveOutput):
     """What ``chunked_objective_loss`` returns.
 
     Attributes:
@@ -66,12 +72,6 @@ class ChunkedOutput:
             temperature, when asked for (``student_entropy=True``), else None.
     """
 
-    loss: Tensor
-    per_token_loss: Tensor
-    groups: Tensor
-    thresholds: Any
-    statistics: dict[str, Tensor] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
     student_entropy: Tensor | None = None
 
 
