@@ -28,8 +28,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dopd.trainer
-from dopd.config import TrainConfig, from_dict
-from dopd.step import PATHS, run_step
+from dopd.config import LOSS_PATHS, TrainConfig, from_dict
+from dopd.step import run_step
 from dopd.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--micro-batch-size", type=int, default=32)
-    parser.add_argument("--loss-path", choices=PATHS, default="auto")
+    parser.add_argument("--loss-path", choices=LOSS_PATHS, default="auto")
     parser.add_argument("--compare-paths", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

@@ -35,16 +35,16 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast
+from accelerate.utils import broadcast
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from dopd.atomic import publishing, remove_temporaries, sha256_file
+from dopd.distributed import SHARDED
 from dopd.errors import DOPDError
 
 FORMAT, VERSION = "dopd-checkpoint", 1
 MANIFEST, STATE_FILE = "manifest.json", "trainer_state.json"
 REQUIRED = (STATE_FILE, "student.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors")
-SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 _STEP_NAME = re.compile(r"step-(\d+)")
 
 

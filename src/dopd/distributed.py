@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import Tensor
+
+# Engines that shard parameters and optimizer state across ranks.
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
 def gather_rows(accelerator: Accelerator, values: Tensor) -> Tensor:

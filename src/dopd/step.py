@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from torch import Tensor
 
 from dopd.alignment import (
@@ -45,7 +44,8 @@ from dopd.alignment import (
     completion_logits,
     output_head_problem,
 )
-from dopd.distributed import gather_rows, sum_across
+from dopd.config import LOSS_PATHS
+from dopd.distributed import SHARDED, gather_rows, sum_across
 from dopd.errors import DOPDError, require_choice, require_int
 from dopd.objectives.base import Objective, objective_loss
 from dopd.objectives.chunked import DEFAULT_CHUNK_SIZE, chunked_objective_loss, chunked_statistics
@@ -54,13 +54,6 @@ from dopd.objectives.statistics import merge_statistics
 from dopd.objectives.views import VIEW_NAMES, TokenViews, compute_dtype, logits_entropy
 
 CONSTANT_VIEWS = ("priv_student", "teacher", "reference")
-PATHS = ("auto", "chunked", "reference")
-# Parameters sharded across ranks: the head weight is not whole outside the forward.
-SHARDED = tuple(
-    getattr(DistributedType, name)
-    for name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-    if hasattr(DistributedType, name)
-)
 
 
 @dataclass
@@ -127,7 +120,7 @@ def choose_path(accelerator: Accelerator, student: torch.nn.Module, models: dict
     ``auto`` takes the chunked path when it computes exactly what the reference does, else the
     reference path; ``chunked`` raises ``DOPDError`` saying why it cannot run.
     """
-    require_choice("path", path, PATHS)
+    require_choice("path", path, LOSS_PATHS)
     if path == "reference":
         return path
     problem = _chunked_problem(accelerator, student, models)
@@ -139,6 +132,7 @@ def choose_path(accelerator: Accelerator, student: torch.nn.Module, models: dict
 
 
 def _chunked_problem(accelerator: Accelerator, student: torch.nn.Module, models: dict[str, torch.nn.Module]) -> str | None:
+    # Sharded parameters: the head weight is not whole outside the forward.
     if accelerator.distributed_type in SHARDED:
         return f"distributed_type={accelerator.distributed_type} shards the parameters"
     for name, model in {"student": accelerator.unwrap_model(student), **models}.items():
