@@ -288,23 +288,25 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
+def _line(error: yaml.MarkedYAMLError) -> str:
+    """``":N"``, the 1-based line PyYAML marked, or ``""`` when it marked none."""
+    mark = error.problem_mark or error.context_mark
+    return f":{mark.line + 1}" if mark is not None else ""
+
+
 def parse_yaml(text: str, where: str) -> Any:
     """``text`` parsed by ``_Loader``; errors name ``where`` and the line."""
     try:
         return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds no arbitrary objects
     except yaml.constructor.ConstructorError as error:
         # e.g. !!python/object/apply:os.system: a safe loader refuses every object-building tag.
-        mark = error.problem_mark or error.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(
-            f"{where}{line}: invalid YAML: {error.problem}; fix: write plain values "
+            f"{where}{_line(error)}: invalid YAML: {error.problem}; fix: write plain values "
             "(configs are read with a safe loader, which refuses tags that build Python objects)"
         ) from None
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(
-            f"{where}{line}: invalid YAML: {error.problem or error.context}; "
+            f"{where}{_line(error)}: invalid YAML: {error.problem or error.context}; "
             "fix: correct the YAML there"
         ) from None
     # ValueError: e.g. the date 2024-13-45 or an integer beyond Python's digit limit.
