@@ -42,11 +42,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "src")]  # dopd need not be installed on the GPU box
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
+import torch  # noqa: E402  (after the path and offline setup above)
 
 VOCAB = 151_936
-QWEN3_0_6B = {"hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
-              "head_dim": 128, "intermediate_size": 3072, "tie_word_embeddings": True}
+QWEN3_0_6B = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 3072,
+    "tie_word_embeddings": True,
+}
 QWEN3_1_7B = {**QWEN3_0_6B, "hidden_size": 2048, "intermediate_size": 6144}
 DATA_CHARACTERS = " ()*+,-./0123456789=abcdefghijklmnopqrstuvwxyz\n"
 STEP_PARTS = ("time/generation", "time/scoring", "time/forward_backward", "time/step")
@@ -56,15 +63,48 @@ OBJECTIVES = ("vanilla_opd", "priv_teacher_opd", "dopd")
 def settings(smoke: bool) -> dict:
     """Shapes and sizes of both sections; ``smoke`` keeps every code path at toy size (CPU)."""
     if smoke:
-        student = {**QWEN3_0_6B, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128}
+        student = {
+            **QWEN3_0_6B,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 128,
+        }
         # The step keeps Qwen3's vocabulary (the widened tokenizer is a code path worth checking).
-        return {"device": "cpu", "vocab": VOCAB, "loss_vocab": 2048, "student": student, "teacher": {**student, "hidden_size": 96},
-                "prompts": 4, "generations": 2, "length": 8, "micro_batch_size": 4, "steps": 1,
-                "loss_hidden": 64, "loss_rows": [1024, 2048], "chunk_sizes": [256], "repeats": 1}
-    return {"device": "cuda", "vocab": VOCAB, "loss_vocab": VOCAB, "student": QWEN3_0_6B, "teacher": QWEN3_1_7B,
-            "prompts": 16, "generations": 4, "length": 128, "micro_batch_size": 16, "steps": 5,
-            "loss_hidden": 1024, "loss_rows": [2048, 4096, 8192, 16384], "chunk_sizes": [1024, 4096], "repeats": 3}
+        return {
+            "device": "cpu",
+            "vocab": VOCAB,
+            "loss_vocab": 2048,
+            "student": student,
+            "teacher": {**student, "hidden_size": 96},
+            "prompts": 4,
+            "generations": 2,
+            "length": 8,
+            "micro_batch_size": 4,
+            "steps": 1,
+            "loss_hidden": 64,
+            "loss_rows": [1024, 2048],
+            "chunk_sizes": [256],
+            "repeats": 1,
+        }
+    return {
+        "device": "cuda",
+        "vocab": VOCAB,
+        "loss_vocab": VOCAB,
+        "student": QWEN3_0_6B,
+        "teacher": QWEN3_1_7B,
+        "prompts": 16,
+        "generations": 4,
+        "length": 128,
+        "micro_batch_size": 16,
+        "steps": 5,
+        "loss_hidden": 1024,
+        "loss_rows": [2048, 4096, 8192, 16384],
+        "chunk_sizes": [1024, 4096],
+        "repeats": 3,
+    }
 
 
 def characters(vocab: int) -> str:
@@ -101,17 +141,29 @@ def _peak(device: str, baseline: int = 0) -> float | None:
 def step_config(objective: str, setup: dict, output_dir: Path):
     from dopd.config import TrainConfig, from_dict
 
-    return from_dict(TrainConfig, {
-        "output_dir": str(output_dir), "seed": 0,
-        "student": {"tiny": setup["student"]}, "teacher": {"tiny": setup["teacher"]},
-        "tokenizer": {"characters": characters(setup["vocab"])},
-        "data": {"train": str(ROOT / "configs" / "data" / "tiny.jsonl")},
-        "objective": {"name": objective},
-        "rollout": {"prompts_per_step": setup["prompts"], "num_generations": setup["generations"],
-                    "max_completion_length": setup["length"]},
-        "optim": {"lr": 1e-5, "max_steps": setup["steps"] + 1, "micro_batch_size": setup["micro_batch_size"]},
-        "loop": {"save_every": 0, "mixed_precision": "bf16"},
-    })
+    return from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(output_dir),
+            "seed": 0,
+            "student": {"tiny": setup["student"]},
+            "teacher": {"tiny": setup["teacher"]},
+            "tokenizer": {"characters": characters(setup["vocab"])},
+            "data": {"train": str(ROOT / "configs" / "data" / "tiny.jsonl")},
+            "objective": {"name": objective},
+            "rollout": {
+                "prompts_per_step": setup["prompts"],
+                "num_generations": setup["generations"],
+                "max_completion_length": setup["length"],
+            },
+            "optim": {
+                "lr": 1e-5,
+                "max_steps": setup["steps"] + 1,
+                "micro_batch_size": setup["micro_batch_size"],
+            },
+            "loop": {"save_every": 0, "mixed_precision": "bf16"},
+        },
+    )
 
 
 def time_step(objective: str, setup: dict) -> dict:
@@ -133,9 +185,14 @@ def time_step(objective: str, setup: dict) -> dict:
             if step:
                 records.append(record)
         result = {part: statistics.median(r[part] for r in records) for part in STEP_PARTS}
-        result.update({"completion_tokens": statistics.median(r["completion_tokens"] for r in records),
-                       "build_seconds": build, "peak_gib_above_models": _peak(setup["device"], baseline),
-                       "peak_gib": _peak(setup["device"])})
+        result.update(
+            {
+                "completion_tokens": statistics.median(r["completion_tokens"] for r in records),
+                "build_seconds": build,
+                "peak_gib_above_models": _peak(setup["device"], baseline),
+                "peak_gib": _peak(setup["device"]),
+            }
+        )
     return result
 
 
@@ -155,7 +212,10 @@ def loss_inputs(config, device: str) -> dict[str, torch.Tensor]:
     from loss import make_inputs
 
     inputs = make_inputs(config)
-    return {k: v.to(device) if k == "token_ids" else v.to(device, torch.bfloat16) for k, v in inputs.items()}
+    return {
+        k: v.to(device) if k == "token_ids" else v.to(device, torch.bfloat16)
+        for k, v in inputs.items()
+    }
 
 
 def time_loss_path(path: str, inputs: dict, chunk_size: int, device: str, keep_grads: bool) -> dict:
@@ -170,10 +230,18 @@ def time_loss_path(path: str, inputs: dict, chunk_size: int, device: str, keep_g
     baseline = _reset_peak(device)
     start = time.perf_counter()
     with torch.device(device):  # bench/loss.py makes its masks with the default device
-        loss = naive_loss(inputs, objective) if path == "naive" else efficient_loss(inputs, objective, chunk_size)
+        loss = (
+            naive_loss(inputs, objective)
+            if path == "naive"
+            else efficient_loss(inputs, objective, chunk_size)
+        )
         loss.backward()
     _sync(device)
-    run = {"seconds": time.perf_counter() - start, "peak_gib": _peak(device, baseline), "loss": loss.item()}
+    run = {
+        "seconds": time.perf_counter() - start,
+        "peak_gib": _peak(device, baseline),
+        "loss": loss.item(),
+    }
     if keep_grads:
         run["grads"] = [inputs[key].grad.float() for key in ("student_hidden", "student_head")]
     return run
@@ -209,17 +277,30 @@ def bench_loss_config(config, setup: dict) -> dict:
                 timed[label].append(run)
             else:
                 first[label] = run
-    summary = {"config": {"vocab": config.vocab, "hidden": config.hidden, "rows": config.rows, "dtype": "bfloat16"}}
+    summary = {
+        "config": {
+            "vocab": config.vocab,
+            "hidden": config.hidden,
+            "rows": config.rows,
+            "dtype": "bfloat16",
+        }
+    }
     summary["naive"] = {"skipped": "does not fit in GPU memory"}
     for label, runs in timed.items():
         if not runs:
             summary[label] = {"skipped": failed.get(label, "no timed run")}
             continue
-        summary[label] = {"seconds_median": statistics.median(r["seconds"] for r in runs),
-                          "peak_gib": max(r["peak_gib"] for r in runs) if device == "cuda" else None,
-                          "loss": runs[0]["loss"]}
+        summary[label] = {
+            "seconds_median": statistics.median(r["seconds"] for r in runs),
+            "peak_gib": max(r["peak_gib"] for r in runs) if device == "cuda" else None,
+            "loss": runs[0]["loss"],
+        }
     for label in paths:
-        if label != "naive" and "seconds_median" in summary[label] and "seconds_median" in summary["naive"]:
+        if (
+            label != "naive"
+            and "seconds_median" in summary[label]
+            and "seconds_median" in summary["naive"]
+        ):
             summary[label].update(_against_naive(summary, first, label))
     return summary
 
@@ -242,7 +323,9 @@ def run_loss_section(setup: dict, results: dict) -> Iterator[None]:
 
     results["configurations"] = []
     for rows in setup["loss_rows"]:
-        config = Config(setup["loss_vocab"], setup["loss_hidden"], rows, chunk_size=setup["chunk_sizes"][0])
+        config = Config(
+            setup["loss_vocab"], setup["loss_hidden"], rows, chunk_size=setup["chunk_sizes"][0]
+        )
         results["configurations"].append(_guarded(bench_loss_config, config, setup))
         yield
 
@@ -272,7 +355,11 @@ def run_section(name: str, setup: dict, out: Path) -> None:
 
 
 def machine(device: str) -> dict:
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update({"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30})
@@ -280,12 +367,25 @@ def machine(device: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the script, measures nothing")
-    parser.add_argument("--json", type=Path, default=None, help="output (default $OUT/bench-gpu.json, else docs/bench-gpu.json)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy sizes on CPU: checks the script, measures nothing"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="output (default $OUT/bench-gpu.json, else docs/bench-gpu.json)",
+    )
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
-    parser.add_argument("--step-seconds", type=int, default=270, help="time limit of the step section")
-    parser.add_argument("--loss-seconds", type=int, default=150, help="time limit of the loss section")
+    parser.add_argument(
+        "--step-seconds", type=int, default=270, help="time limit of the step section"
+    )
+    parser.add_argument(
+        "--loss-seconds", type=int, default=150, help="time limit of the loss section"
+    )
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--section-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -294,19 +394,36 @@ def main() -> None:
         return run_section(args.section, setup, args.section_out)
     if setup["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU, or pass --smoke for the CPU check")
-    out = args.json or (Path(os.environ["OUT"]) / "bench-gpu.json" if os.environ.get("OUT") else ROOT / "docs" / "bench-gpu.json")
-    report = {"command": " ".join(["python", "bench/gpu.py", *sys.argv[1:]]), "smoke": args.smoke,
-              "machine": machine(setup["device"]), "settings": setup}
+    out = args.json or (
+        Path(os.environ["OUT"]) / "bench-gpu.json"
+        if os.environ.get("OUT")
+        else ROOT / "docs" / "bench-gpu.json"
+    )
+    report = {
+        "command": " ".join(["python", "bench/gpu.py", *sys.argv[1:]]),
+        "smoke": args.smoke,
+        "machine": machine(setup["device"]),
+        "settings": setup,
+    }
     limits = {"step": args.step_seconds, "loss": args.loss_seconds}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.sections:
             section_out = Path(folder) / f"{name}.json"
             start = time.perf_counter()
-            command = [sys.executable, __file__, "--section", name, "--section-out", str(section_out)] + (["--smoke"] if args.smoke else [])
+            command = [
+                sys.executable,
+                __file__,
+                "--section",
+                name,
+                "--section-out",
+                str(section_out),
+            ] + (["--smoke"] if args.smoke else [])
             errors = Path(folder) / f"{name}.stderr"
             try:
                 with errors.open("w") as stderr:
-                    code = subprocess.run(command, check=False, timeout=limits[name], stderr=stderr).returncode
+                    code = subprocess.run(
+                        command, check=False, timeout=limits[name], stderr=stderr
+                    ).returncode
                 status = "ok" if code == 0 else f"failed with exit code {code}"
             except subprocess.TimeoutExpired:
                 status = f"timed out after {limits[name]} s (partial results kept)"

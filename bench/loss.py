@@ -119,7 +119,8 @@ def naive_loss(inputs: dict[str, torch.Tensor], objective: DOPD) -> torch.Tensor
 def efficient_loss(
     inputs: dict[str, torch.Tensor], objective: DOPD, chunk_size: int
 ) -> torch.Tensor:
-    """``chunked_objective_loss`` on the same rows (thresholds computed inside, as the naive path)."""
+    """``chunked_objective_loss`` on the same rows (thresholds computed inside, as the naive
+    path)."""
     n = inputs["token_ids"].shape[0]
     mask = torch.ones(n // SEQUENCE_LENGTH, SEQUENCE_LENGTH, dtype=torch.bool)  # [B, T]
     weights = row_weights(mask, objective.config.reduction)  # [N]
@@ -205,7 +206,9 @@ def _available_bytes() -> int:
 
 def _errors(directory: Path) -> dict[str, dict[str, float]]:
     """Max abs difference between the paths' loss and gradients, and the naive values' scale."""
-    naive, efficient = (torch.load(directory / f"{path}.pt", weights_only=True) for path in ("naive", "efficient"))
+    naive, efficient = (
+        torch.load(directory / f"{path}.pt", weights_only=True) for path in ("naive", "efficient")
+    )
     return {
         "max_abs_err_by_output": {
             key: (naive[key] - efficient[key]).abs().max().item() for key in naive
@@ -274,7 +277,11 @@ def bench_config(config: Config, repeats: int) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    header = f"{'V':>7} {'d':>5} {'N':>6} {'chunk':>5} | {'naive GiB':>9} {'eff GiB':>8} {'mem ratio':>9} | {'naive s':>8} {'eff s':>8} {'time ratio':>10} | {'max abs err':>11}"
+    header = (
+        f"{'V':>7} {'d':>5} {'N':>6} {'chunk':>5} | "
+        f"{'naive GiB':>9} {'eff GiB':>8} {'mem ratio':>9} | "
+        f"{'naive s':>8} {'eff s':>8} {'time ratio':>10} | {'max abs err':>11}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         c = row["config"]
@@ -285,9 +292,12 @@ def _table(rows: list[dict]) -> str:
 
         lines.append(
             f"{c['vocab']:>7} {c['hidden']:>5} {c['rows']:>6} {c['chunk_size']:>5} | "
-            f"{cell(naive and naive['peak_bytes'] / 2**30, '9.2f'):>9} {efficient['peak_bytes'] / 2**30:>8.2f} "
-            f"{cell(row.get('peak_memory_ratio'), '9.3f'):>9} | {cell(naive and naive['seconds_median'], '8.1f'):>8} "
-            f"{efficient['seconds_median']:>8.1f} {cell(row.get('time_ratio'), '10.3f'):>10} | {cell(row.get('max_abs_err'), '11.2e'):>11}"
+            f"{cell(naive and naive['peak_bytes'] / 2**30, '9.2f'):>9} "
+            f"{efficient['peak_bytes'] / 2**30:>8.2f} "
+            f"{cell(row.get('peak_memory_ratio'), '9.3f'):>9} | "
+            f"{cell(naive and naive['seconds_median'], '8.1f'):>8} "
+            f"{efficient['seconds_median']:>8.1f} {cell(row.get('time_ratio'), '10.3f'):>10} | "
+            f"{cell(row.get('max_abs_err'), '11.2e'):>11}"
         )
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """Wall time of one optimizer step, DOPD vs vanilla OPD, on the same tiny models and batch.
 
-    python bench/step.py [--steps 5] [--hidden 256] [--layers 4] [--loss-path auto] [--json out.json]
+    python bench/step.py [--steps 5] [--hidden 256] [--layers 4] [--loss-path auto]
+                         [--json out.json]
 
 Both objectives train the same random-init Qwen3 student against the same teacher on the same
 prompts; the step is broken into generation, scoring of the constant views, and student
@@ -37,18 +38,35 @@ PARTS = ("time/generation", "time/scoring", "time/forward_backward", "time/step"
 
 
 def bench_config(objective: str, args: argparse.Namespace, output_dir: Path) -> TrainConfig:
-    model = {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "intermediate_size": 3 * args.hidden}
+    model = {
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "intermediate_size": 3 * args.hidden,
+    }
     teacher = {**model, "hidden_size": 2 * args.hidden, "intermediate_size": 6 * args.hidden}
-    return from_dict(TrainConfig, {
-        "output_dir": str(output_dir), "seed": 0,
-        "student": {"tiny": model}, "teacher": {"tiny": teacher},
-        "tokenizer": {"characters": " ()*+,-./0123456789=abcdefghijklmnopqrstuvwxyz\n"},
-        "data": {"train": str(ROOT / "configs" / "data" / "tiny.jsonl")},
-        "objective": {"name": objective},
-        "rollout": {"prompts_per_step": args.prompts, "num_generations": args.generations, "max_completion_length": args.length},
-        "optim": {"lr": 1e-4, "max_steps": args.steps + 1, "micro_batch_size": args.micro_batch_size},
-        "loop": {"save_every": 0, "loss_path": args.loss_path},
-    })
+    return from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(output_dir),
+            "seed": 0,
+            "student": {"tiny": model},
+            "teacher": {"tiny": teacher},
+            "tokenizer": {"characters": " ()*+,-./0123456789=abcdefghijklmnopqrstuvwxyz\n"},
+            "data": {"train": str(ROOT / "configs" / "data" / "tiny.jsonl")},
+            "objective": {"name": objective},
+            "rollout": {
+                "prompts_per_step": args.prompts,
+                "num_generations": args.generations,
+                "max_completion_length": args.length,
+            },
+            "optim": {
+                "lr": 1e-4,
+                "max_steps": args.steps + 1,
+                "micro_batch_size": args.micro_batch_size,
+            },
+            "loop": {"save_every": 0, "loss_path": args.loss_path},
+        },
+    )
 
 
 def time_objective(objective: str, args: argparse.Namespace) -> dict[str, float]:
@@ -87,17 +105,37 @@ def main_compare_paths(args: argparse.Namespace) -> None:
     results = {}
     for name in ("vanilla_opd", "dopd"):
         medians = compare_paths(name, args)
-        results[name] = {**medians, "chunked_over_reference": medians["chunked"] / medians["reference"]}
-        print(f"{name:<12} run_step s: chunked {medians['chunked']:.4f}  reference {medians['reference']:.4f}  "
-              f"chunked_over_reference = {results[name]['chunked_over_reference']:.3f}")
+        results[name] = {
+            **medians,
+            "chunked_over_reference": medians["chunked"] / medians["reference"],
+        }
+        print(
+            f"{name:<12} run_step s: chunked {medians['chunked']:.4f}  "
+            f"reference {medians['reference']:.4f}  "
+            f"chunked_over_reference = {results[name]['chunked_over_reference']:.3f}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"paths": results, "settings": vars(args) | {"json": str(args.json)}, "machine": machine()}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "paths": results,
+                    "settings": vars(args) | {"json": str(args.json)},
+                    "machine": machine(),
+                },
+                indent=2,
+            )
+        )
 
 
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
 
 
 def main() -> None:
@@ -126,9 +164,23 @@ def main() -> None:
     for part in PARTS:
         row = "".join(f"{timings[name][part]:>18.4f}" for name in names)
         print(f"{part:<24}{row}{timings['dopd'][part] / timings['vanilla_opd'][part]:>14.2f}")
-    print(f"loss path {args.loss_path}: dopd_over_vanilla = {ratio:.3f}   dopd_over_priv_teacher = {over_priv:.3f}")
+    print(
+        f"loss path {args.loss_path}: dopd_over_vanilla = {ratio:.3f}   "
+        f"dopd_over_priv_teacher = {over_priv:.3f}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"dopd_over_vanilla": ratio, "dopd_over_priv_teacher": over_priv, "timings": timings, "settings": vars(args) | {"json": str(args.json)}, "machine": machine()}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "dopd_over_vanilla": ratio,
+                    "dopd_over_priv_teacher": over_priv,
+                    "timings": timings,
+                    "settings": vars(args) | {"json": str(args.json)},
+                    "machine": machine(),
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

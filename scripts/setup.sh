@@ -1,10 +1,38 @@
 #!/usr/bin/env bash
-# Installs dopd and its test/plot extras into the current Python environment.
-# Without an NVIDIA GPU it pins the CPU build of torch first (torch==2.13.0 here is the CPU wheel
-# on local disk), so that resolving dopd's dependencies never pulls a multi-GB CUDA build.
+# Creates the project's virtual environment at .venv (repository root) and installs dopd with its
+# test and style tools there, at the versions in requirements/lock.txt. Nothing is installed into
+# the system interpreter, so this works where it is externally managed (PEP 668).
+#
+#   bash scripts/setup.sh            # then: .venv/bin/dopd demo, .venv/bin/python -m pytest
+#   PYTHON=python3.12 bash scripts/setup.sh
+#
+# The lock pins torch==2.13.0: pip takes a CPU build of it where the configured indexes offer one
+# (a local wheel, or PyTorch's CPU index given through PIP_EXTRA_INDEX_URL), else PyPI's default
+# build. Re-running is cheap: the install is skipped while the lock, pyproject.toml and the
+# interpreter are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-    python3 -m pip install --quiet "torch==2.13.0"
+python=${PYTHON:-python3}
+venv=.venv
+lock=requirements/lock.txt
+
+if ! command -v "$python" >/dev/null 2>&1; then
+    echo "setup: $python not found; install Python >= 3.11 or set PYTHON=/path/to/python" >&2
+    exit 1
 fi
-python3 -m pip install --quiet -e ".[test]"
+if [ ! -x "$venv/bin/python" ]; then
+    if ! "$python" -m venv "$venv"; then
+        rm -rf "$venv"
+        echo "setup: '$python -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2
+        exit 1
+    fi
+fi
+pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
+
+stamp=$venv/.dopd-installed
+want=$(cat "$lock" pyproject.toml | sha256sum | cut -d' ' -f1)-$("$venv/bin/python" -V 2>&1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+"${pip[@]}" install -c "$lock" -e ".[dev]"
+echo "$want" >"$stamp"

@@ -1,7 +1,7 @@
 """Kill ``dopd train`` with SIGKILL at random points, resume it until it finishes, and check that
 its final weights (and metrics) are bit-identical to an uninterrupted run's. CPU, deterministic.
 
-    python3 scripts/stress_resume.py --kills 50            # 10 rounds of 5 kills, ~8 minutes on 2 cores
+    python3 scripts/stress_resume.py --kills 50  # 10 rounds of 5 kills, ~8 minutes on 2 cores
     python3 scripts/stress_resume.py --kills 8 --seed 3 --workdir /tmp/stress --keep
 
 Each round trains a tiny random-init model (configs/tiny.yaml, a checkpoint every step) in a
@@ -62,9 +62,16 @@ class Kill:
 
 def train_command(output_dir: Path, max_steps: int = MAX_STEPS) -> list[str]:
     overrides = [
-        f"output_dir={output_dir}", f"data.train={DATA}", "data.eval=null", "loop.eval_every=0",
-        f"optim.max_steps={max_steps}", "optim.warmup_steps=2", "loop.save_every=1",
-        "rollout.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_completion_length=8",
+        f"output_dir={output_dir}",
+        f"data.train={DATA}",
+        "data.eval=null",
+        "loop.eval_every=0",
+        f"optim.max_steps={max_steps}",
+        "optim.warmup_steps=2",
+        "loop.save_every=1",
+        "rollout.prompts_per_step=2",
+        "rollout.num_generations=2",
+        "rollout.max_completion_length=8",
     ]
     command = [sys.executable, "-m", "dopd.cli", "train", "--config", str(CONFIG), "--resume"]
     return command + [item for override in overrides for item in ("--set", override)]
@@ -72,11 +79,18 @@ def train_command(output_dir: Path, max_steps: int = MAX_STEPS) -> list[str]:
 
 @contextmanager
 def launched(output_dir: Path, log: Path, max_steps: int) -> Iterator[subprocess.Popen]:
-    """``dopd train --resume`` in the background, output to ``log``; killed if still alive at exit."""
+    """``dopd train --resume`` in the background, output to ``log``; killed if still alive at
+    exit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
-        process = subprocess.Popen(train_command(output_dir, max_steps), cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            train_command(output_dir, max_steps),
+            cwd=ROOT,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
     try:
         yield process
     finally:
@@ -95,10 +109,14 @@ def published(output_dir: Path) -> list[int]:
 def saving(output_dir: Path, pid: int) -> bool:
     """Whether process ``pid`` is writing a checkpoint (not: a killed one's leftover exists)."""
     root = output_dir / "checkpoints"
-    return root.is_dir() and any(name.startswith(".tmp-step-") and name.endswith(f"-{pid}") for name in os.listdir(root))
+    return root.is_dir() and any(
+        name.startswith(".tmp-step-") and name.endswith(f"-{pid}") for name in os.listdir(root)
+    )
 
 
-def wait_for(process: subprocess.Popen, condition, timeout: float = 120.0, poll: float = 0.002) -> bool:
+def wait_for(
+    process: subprocess.Popen, condition, timeout: float = 120.0, poll: float = 0.002
+) -> bool:
     """Poll until ``condition()``; False if the process exits first."""
     deadline = time.monotonic() + timeout
     while process.poll() is None:
@@ -112,7 +130,9 @@ def wait_for(process: subprocess.Popen, condition, timeout: float = 120.0, poll:
 
 def finish(process: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
     if process.wait(timeout=timeout) != 0:
-        raise RuntimeError(f"dopd train exited with {process.returncode}; log {log}:\n{log.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"dopd train exited with {process.returncode}; log {log}:\n{log.read_text()[-3000:]}"
+        )
 
 
 def reference_run(workdir: Path, max_steps: int = MAX_STEPS) -> Timing:
@@ -127,18 +147,25 @@ def reference_run(workdir: Path, max_steps: int = MAX_STEPS) -> Timing:
     return Timing(startup=first - start, step=(time.monotonic() - first) / max(max_steps - 1, 1))
 
 
-def kill_somewhere(process: subprocess.Popen, output_dir: Path, mode: str, rng: random.Random, timing: Timing) -> float | None:
+def kill_somewhere(
+    process: subprocess.Popen, output_dir: Path, mode: str, rng: random.Random, timing: Timing
+) -> float | None:
     """SIGKILL ``process`` at a random point of kind ``mode``; the seconds after launch, or None
     if it finished first."""
     start = time.monotonic()
     if mode == "startup":  # a random moment, but no later than the first new checkpoint
         delay, before = rng.uniform(0.0, timing.startup), len(published(output_dir))
-        alive = wait_for(process, lambda: time.monotonic() - start > delay or len(published(output_dir)) > before)
+        alive = wait_for(
+            process, lambda: time.monotonic() - start > delay or len(published(output_dir)) > before
+        )
     elif mode == "step":
         target = len(published(output_dir)) + rng.randint(1, 2)
         alive = wait_for(process, lambda: len(published(output_dir)) >= target, poll=0.005)
         reached, delay = time.monotonic(), rng.uniform(0.0, timing.step)
-        alive = alive and wait_for(process, lambda: time.monotonic() - reached > delay or len(published(output_dir)) > target)
+        alive = alive and wait_for(
+            process,
+            lambda: time.monotonic() - reached > delay or len(published(output_dir)) > target,
+        )
     elif mode == "save":
         alive = wait_for(process, lambda: saving(output_dir, process.pid), poll=0.001)
         time.sleep(rng.uniform(0.0, 0.005))
@@ -157,19 +184,29 @@ def check_published(output_dir: Path) -> None:
 
     for step in published(output_dir):
         if (reason := verify_checkpoint(checkpoint_dir(output_dir, step))) is not None:
-            raise AssertionError(f"published checkpoint step-{step:06d} of {output_dir} is invalid: {reason}")
+            raise AssertionError(
+                f"published checkpoint step-{step:06d} of {output_dir} is invalid: {reason}"
+            )
 
 
 def leftovers(output_dir: Path) -> list[str]:
     folders = [output_dir, output_dir / "checkpoints"]
-    return sorted(str((folder / name).relative_to(output_dir)) for folder in folders if folder.is_dir() for name in os.listdir(folder) if name.startswith(".tmp-"))
+    return sorted(
+        str((folder / name).relative_to(output_dir))
+        for folder in folders
+        if folder.is_dir()
+        for name in os.listdir(folder)
+        if name.startswith(".tmp-")
+    )
 
 
 def torn(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
 
 
-def interrupted_run(output_dir: Path, kills: int, rng: random.Random, timing: Timing, max_steps: int = MAX_STEPS) -> list[Kill]:
+def interrupted_run(
+    output_dir: Path, kills: int, rng: random.Random, timing: Timing, max_steps: int = MAX_STEPS
+) -> list[Kill]:
     """Launch with --resume and kill, ``kills`` times, then resume once more to the end."""
     shutil.rmtree(output_dir, ignore_errors=True)
     modes = [MODES[i % len(MODES)] for i in range(kills)]
@@ -187,7 +224,17 @@ def interrupted_run(output_dir: Path, kills: int, rng: random.Random, timing: Ti
         reached = max(published(output_dir), default=0)
         left = leftovers(output_dir)
         mid_write = any(name.endswith(f"-{process.pid}") for name in left)
-        records.append(Kill(mode, seconds, resumed_from, reached, left, mid_write, torn(output_dir / "metrics.jsonl")))
+        records.append(
+            Kill(
+                mode,
+                seconds,
+                resumed_from,
+                reached,
+                left,
+                mid_write,
+                torn(output_dir / "metrics.jsonl"),
+            )
+        )
     log = output_dir.parent / "logs" / f"{output_dir.name}-final.log"
     with launched(output_dir, log, max_steps) as process:
         finish(process, log)
@@ -199,19 +246,31 @@ def compare_runs(reference: Path, run: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    expected, actual = load_file(str(reference / "model" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    expected, actual = (
+        load_file(str(reference / "model" / "model.safetensors")),
+        load_file(str(run / "model" / "model.safetensors")),
+    )
     if expected.keys() != actual.keys():
-        raise AssertionError(f"{run}: weight names differ from {reference}: {sorted(expected.keys() ^ actual.keys())}")
+        raise AssertionError(
+            f"{run}: weight names differ from {reference}: "
+            f"{sorted(expected.keys() ^ actual.keys())}"
+        )
     if differ := [name for name in expected if not torch.equal(expected[name], actual[name])]:
-        raise AssertionError(f"{run}: {len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}")
+        raise AssertionError(
+            f"{run}: {len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
+        )
     if (a := _metrics(reference)) != (b := _metrics(run)):
-        raise AssertionError(f"{run}: metrics.jsonl differs from the uninterrupted run ({len(a)} vs {len(b)} lines)")
+        raise AssertionError(
+            f"{run}: metrics.jsonl differs from the uninterrupted run ({len(a)} vs {len(b)} lines)"
+        )
 
 
 def _metrics(output_dir: Path) -> list[dict]:
     timed = ("time/", "tokens_per_second")
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(timed)} for line in lines]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith(timed)} for line in lines
+    ]
 
 
 def summary(records: list[Kill]) -> dict:
@@ -228,15 +287,21 @@ def summary(records: list[Kill]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=50, help="total SIGKILLs (default 50)")
-    parser.add_argument("--per-round", type=int, default=5, help="kills per run before it may finish (default 5)")
+    parser.add_argument(
+        "--per-round", type=int, default=5, help="kills per run before it may finish (default 5)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
-    parser.add_argument("--workdir", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="folder for the runs (default: a temporary one)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the workdir")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dopd-stress-"))
     rng, records, round_number, start = random.Random(args.seed), [], 0, time.monotonic()
     timing = reference_run(workdir)
-    print(f"reference: start-up {timing.startup:.1f} s, {timing.step * 1000:.0f} ms/step", flush=True)
+    print(
+        f"reference: start-up {timing.startup:.1f} s, {timing.step * 1000:.0f} ms/step", flush=True
+    )
     while len(records) < args.kills:
         run = workdir / f"round-{round_number:03d}"
         kills = interrupted_run(run, min(args.per_round, args.kills - len(records)), rng, timing)
@@ -244,7 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"{run} finished before its first kill; raise MAX_STEPS")
         compare_runs(workdir / "reference", run)
         records += kills
-        print(f"round {round_number}: {len(kills)} kills, resumed run bit-identical: {[asdict(k) for k in kills]}", flush=True)
+        print(
+            f"round {round_number}: {len(kills)} kills, resumed run bit-identical: "
+            f"{[asdict(k) for k in kills]}",
+            flush=True,
+        )
         shutil.rmtree(run, ignore_errors=True)
         round_number += 1
     print(json.dumps({**summary(records), "seconds": round(time.monotonic() - start)}, indent=1))

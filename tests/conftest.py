@@ -1,9 +1,13 @@
-"""Shared pytest setup: tests never reach the network, and every test can ask for a seeded RNG."""
+"""Shared pytest setup: tests never reach the network, run one thread each, and every test can ask
+for a seeded RNG."""
 
 import os
 
 # Set before anything imports transformers / huggingface_hub, so no test can try a download.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One OpenMP thread (inherited by subprocess tests): tiny models gain nothing from more, and on a
+# loaded machine spinning threads that wait for a busy core made the suite several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest

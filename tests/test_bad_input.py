@@ -46,7 +46,9 @@ def at_root(monkeypatch):
     monkeypatch.chdir(ROOT)
 
 
-def train(capsys, output_dir: Path, *overrides: str, config: Path = CONFIG, flags=()) -> tuple[int, str]:
+def train(
+    capsys, output_dir: Path, *overrides: str, config: Path = CONFIG, flags=()
+) -> tuple[int, str]:
     """Run ``dopd train`` on ``config`` with ``--set`` overrides; ``(exit status, stderr)``."""
     argv = ["train", "--config", str(config), *flags, "--set", f"output_dir={output_dir}"]
     for override in ("loop.eval_every=0", *overrides):
@@ -76,22 +78,74 @@ DATA_CASES = {
     "missing file": ("absent.jsonl", None, ["{path}: no such file", "fix"]),
     "empty file": ("empty.jsonl", b"", ["{path}: no examples found", "fix"]),
     "only blank lines": ("blank.jsonl", b"\n \n", ["{path}: no examples found"]),
-    "malformed JSON": ("bad.jsonl", f"{GOOD}\n{{not json\n".encode(), ["{path}:2: invalid JSON", "fix"]),
-    "non-UTF-8": ("latin1.jsonl", f"{GOOD}\n".encode() + b'{"prompt": "caf\xe9"}\n', ["{path}:2: not valid UTF-8", "fix"]),
+    "malformed JSON": (
+        "bad.jsonl",
+        f"{GOOD}\n{{not json\n".encode(),
+        ["{path}:2: invalid JSON", "fix"],
+    ),
+    "non-UTF-8": (
+        "latin1.jsonl",
+        f"{GOOD}\n".encode() + b'{"prompt": "caf\xe9"}\n',
+        ["{path}:2: not valid UTF-8", "fix"],
+    ),
     "row not an object": ("list.jsonl", b'["1+1=", "add"]\n', ["{path}:1: expected an object"]),
-    "row lacks prompt": ("noprompt.jsonl", b'{"privileged_context": "add"}\n', ["{path}:1: missing field 'prompt'"]),
-    "row lacks privileged_context": ("nocontext.jsonl", b'{"prompt": "1+1="}\n', ["{path}:1: missing field 'privileged_context'"]),
-    "prompt wrong type": ("type.jsonl", b'{"prompt": 5, "privileged_context": "add"}\n', ["{path}:1: prompt=5"]),
-    "context wrong type": ("ctx.jsonl", b'{"prompt": "1+1=", "privileged_context": ["add"]}\n', ["{path}:1: privileged_context=['add'] has type list"]),
-    "answer wrong type": ("answer.jsonl", b'{"prompt": "1+1=", "privileged_context": "add", "answer": 2}\n', ["{path}:1: answer=2 has type int"]),
-    "empty prompt": ("emptyprompt.jsonl", b'{"prompt": "", "privileged_context": "add"}\n', ["{path}:1: prompt is empty"]),
-    "blank context": ("blankctx.jsonl", b'{"prompt": "1+1=", "privileged_context": "  "}\n', ["{path}:1: privileged_context is empty"]),
-    "bad chat message": ("chat.jsonl", b'{"prompt": [{"role": "user"}], "privileged_context": "add"}\n', ["{path}:1: prompt[0]=", "role/content"]),
-    "lone surrogate": ("surrogate.jsonl", b'{"prompt": "\\ud800", "privileged_context": "add"}\n', ["{path}:1: prompt holds the unpaired surrogate"]),
-    "JSON not a list": ("object.json", GOOD.encode(), ["{path}: top level is a dict", "list of objects"]),
+    "row lacks prompt": (
+        "noprompt.jsonl",
+        b'{"privileged_context": "add"}\n',
+        ["{path}:1: missing field 'prompt'"],
+    ),
+    "row lacks privileged_context": (
+        "nocontext.jsonl",
+        b'{"prompt": "1+1="}\n',
+        ["{path}:1: missing field 'privileged_context'"],
+    ),
+    "prompt wrong type": (
+        "type.jsonl",
+        b'{"prompt": 5, "privileged_context": "add"}\n',
+        ["{path}:1: prompt=5"],
+    ),
+    "context wrong type": (
+        "ctx.jsonl",
+        b'{"prompt": "1+1=", "privileged_context": ["add"]}\n',
+        ["{path}:1: privileged_context=['add'] has type list"],
+    ),
+    "answer wrong type": (
+        "answer.jsonl",
+        b'{"prompt": "1+1=", "privileged_context": "add", "answer": 2}\n',
+        ["{path}:1: answer=2 has type int"],
+    ),
+    "empty prompt": (
+        "emptyprompt.jsonl",
+        b'{"prompt": "", "privileged_context": "add"}\n',
+        ["{path}:1: prompt is empty"],
+    ),
+    "blank context": (
+        "blankctx.jsonl",
+        b'{"prompt": "1+1=", "privileged_context": "  "}\n',
+        ["{path}:1: privileged_context is empty"],
+    ),
+    "bad chat message": (
+        "chat.jsonl",
+        b'{"prompt": [{"role": "user"}], "privileged_context": "add"}\n',
+        ["{path}:1: prompt[0]=", "role/content"],
+    ),
+    "lone surrogate": (
+        "surrogate.jsonl",
+        b'{"prompt": "\\ud800", "privileged_context": "add"}\n',
+        ["{path}:1: prompt holds the unpaired surrogate"],
+    ),
+    "JSON not a list": (
+        "object.json",
+        GOOD.encode(),
+        ["{path}: top level is a dict", "list of objects"],
+    ),
     "JSON nested too deeply": ("deep.json", b"[" * 100_000, ["{path}: JSON nested too deeply"]),
     "directory": ("folder.jsonl", "dir", ["{path}: is a directory"]),
-    "unsupported file type": ("data.csv", b"prompt,privileged_context\n", ["{path}: unsupported file type '.csv'"]),
+    "unsupported file type": (
+        "data.csv",
+        b"prompt,privileged_context\n",
+        ["{path}: unsupported file type '.csv'"],
+    ),
     "corrupt Parquet": ("data.parquet", b"not parquet", ["{path}: not a readable Parquet file"]),
 }
 
@@ -119,34 +173,67 @@ def test_bad_dataset_is_one_line_naming_file_and_line(tmp_path, capsys, case, ke
 # Config: --set overrides (expected parts of the message)
 
 CONFIG_CASES = {
-    "unknown top-level key": (["outptu_dir=x"], ["outptu_dir is not a config key", "did you mean output_dir?"]),
+    "unknown top-level key": (
+        ["outptu_dir=x"],
+        ["outptu_dir is not a config key", "did you mean output_dir?"],
+    ),
     "unknown nested key": (["optim.lrr=1"], ["optim.lrr", "did you mean optim.lr?"]),
     "unknown objective option": (["objective.top_kk=3"], ["objective.top_kk", "'top_k'"]),
     "unknown objective": (["objective.name=dopdd"], ["objective.name='dopdd'", "'dopd'"]),
     "wrong type float": (["optim.lr=abc"], ["optim.lr: expected float, got str 'abc'"]),
     "wrong type int": (["rollout.num_generations=2.5"], ["rollout.num_generations: expected int"]),
-    "wrong type bool": (["student.trust_remote_code=yes"], ["student.trust_remote_code: expected bool"]),
+    "wrong type bool": (
+        ["student.trust_remote_code=yes"],
+        ["student.trust_remote_code: expected bool"],
+    ),
     "wrong type section": (["student=Qwen"], ["student: expected a mapping of ModelSpec keys"]),
     "top_k = 0": (["objective.top_k=0"], ["objective.top_k=0", ">= 1"]),
     "top_k < 0": (["objective.top_k=-3"], ["objective.top_k=-3", ">= 1"]),
-    "beta_weak = beta_light": (["objective.beta_weak=0.6"], ["objective.beta_weak=0.6", "beta_light=0.6"]),
-    "beta_weak > beta_light": (["objective.beta_light=0.2", "objective.beta_weak=0.5"], ["objective.beta_weak=0.5"]),
-    "trim_quantile = 0": (["objective.trim_quantile=0"], ["objective.trim_quantile=0.0", "(0.0, 1.0]"]),
-    "trim_quantile > 1": (["objective.trim_quantile=1.5"], ["objective.trim_quantile=1.5", "(0.0, 1.0]"]),
+    "beta_weak = beta_light": (
+        ["objective.beta_weak=0.6"],
+        ["objective.beta_weak=0.6", "beta_light=0.6"],
+    ),
+    "beta_weak > beta_light": (
+        ["objective.beta_light=0.2", "objective.beta_weak=0.5"],
+        ["objective.beta_weak=0.5"],
+    ),
+    "trim_quantile = 0": (
+        ["objective.trim_quantile=0"],
+        ["objective.trim_quantile=0.0", "(0.0, 1.0]"],
+    ),
+    "trim_quantile > 1": (
+        ["objective.trim_quantile=1.5"],
+        ["objective.trim_quantile=1.5", "(0.0, 1.0]"],
+    ),
     "trim_quantile < 0": (["objective.trim_quantile=-0.1"], ["objective.trim_quantile=-0.1"]),
     "lr = 0": (["optim.lr=0"], ["optim.lr=0.0", "out of range"]),
     "seed < 0": (["seed=-1"], ["seed=-1"]),
     "non-finite float": (["optim.lr=.inf"], ["optim.lr", "finite"]),
-    "bad choice": (["data.overlong_prompts=truncate"], ["data.overlong_prompts='truncate'", "'skip'"]),
-    "template field": (["data.privileged_template='{prompt}'"], ["data.privileged_template", "{privileged_context}"]),
-    "template format spec": (["data.privileged_template='{prompt:>9} {privileged_context}'"], ["'{prompt:>9}'", "plain {prompt}"]),
-    "trust without path": (["tokenizer.trust_remote_code=true"], ["tokenizer.trust_remote_code=True", "tokenizer.path"]),
+    "bad choice": (
+        ["data.overlong_prompts=truncate"],
+        ["data.overlong_prompts='truncate'", "'skip'"],
+    ),
+    "template field": (
+        ["data.privileged_template='{prompt}'"],
+        ["data.privileged_template", "{privileged_context}"],
+    ),
+    "template format spec": (
+        ["data.privileged_template='{prompt:>9} {privileged_context}'"],
+        ["'{prompt:>9}'", "plain {prompt}"],
+    ),
+    "trust without path": (
+        ["tokenizer.trust_remote_code=true"],
+        ["tokenizer.trust_remote_code=True", "tokenizer.path"],
+    ),
     "not UTF-8 text": (['output_dir="run\\ud800"'], ["output_dir=", "not valid UTF-8"]),
     "override without =": (["optim.lr"], ["override 'optim.lr' is not key=value"]),
     "override without key": (["=5"], ["override '=5' is not key=value"]),
     "override bad YAML": (["optim.betas=[0.9"], ["override optim.betas:1: invalid YAML"]),
     "override into a scalar": (["seed.value=1"], ["override seed.value: seed=0 is not a section"]),
-    "eval without data": (["data.eval=null", "loop.eval_every=5"], ["loop.eval_every=5", "data.eval"]),
+    "eval without data": (
+        ["data.eval=null", "loop.eval_every=5"],
+        ["loop.eval_every=5", "data.eval"],
+    ),
 }
 
 
@@ -163,12 +250,18 @@ CONFIG_FILES = {
         b"output_dir: x\nstudent: !!python/object/apply:os.system ['touch {marker}']\n",
         ["{config}:2: invalid YAML", "python/object/apply:os.system", "safe loader"],
     ),
-    "python name tag": (b"seed: !!python/name:os.system\n", ["{config}:1: invalid YAML", "python/name:os.system"]),
+    "python name tag": (
+        b"seed: !!python/name:os.system\n",
+        ["{config}:1: invalid YAML", "python/name:os.system"],
+    ),
     "invalid YAML": (b"output_dir: x\noptim:\n\tlr: 1\n", ["{config}:3: invalid YAML", "fix"]),
     "non-UTF-8": (b"output_dir: x\nseed: \xff\n", ["{config}:2: not valid UTF-8", "fix"]),
     "not a mapping": (b"- a\n- b\n", ["{config}: expected a mapping of config sections, got list"]),
     "empty": (b"", ["student is required but missing", "--set student=..."]),
-    "unknown key in the file": (CONFIG.read_bytes().replace(b"max_steps", b"max_step"), ["optim.max_step", "did you mean optim.max_steps?"]),
+    "unknown key in the file": (
+        CONFIG.read_bytes().replace(b"max_steps", b"max_step"),
+        ["optim.max_step", "did you mean optim.max_steps?"],
+    ),
 }
 
 
@@ -197,14 +290,20 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     (broken_tokenizer / "tokenizer.json").write_text("{broken")
     broken_config = shutil.copytree(LAB / "teacher", root / "broken-config")
     (broken_config / "config.json").write_text("{broken")
-    no_eos = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[])))
+    no_eos = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    )
     no_eos.save_pretrained(root / "no-eos")
     custom = root / "custom-code"
     custom.mkdir()
-    (custom / "config.json").write_text(json.dumps({
-        "model_type": "dopd-custom",
-        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"},
-    }))
+    (custom / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "dopd-custom",
+                "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"},
+            }
+        )
+    )
     (custom / "configuration_custom.py").write_text(
         f"open({str(root / 'EXECUTED')!r}, 'w').write('remote code ran')\n"
     )
@@ -213,22 +312,73 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 MODEL_CASES = {
-    "student path missing": (["student.path=/no/such/student", "student.tiny=null", "tokenizer.characters=null"], ["student.path='/no/such/student': no such directory", "fix"]),
-    "student hub id not cached": (["student.path=nobody/no-such-model", "student.tiny=null", "tokenizer.characters=null"], ["student.path='nobody/no-such-model'", "HF_HUB_OFFLINE=1", "fix"]),
-    "teacher path missing": (["teacher.path=runs/no/teacher", "teacher.tiny=null"], ["teacher.path='runs/no/teacher': no such directory"]),
-    "teacher path is a file": (["teacher.path={file}", "teacher.tiny=null"], ["teacher.path=", "is a file, not a model folder"]),
-    "reference path missing": (["objective.name=exopd", "reference.path=/no/such/reference"], ["reference.path='/no/such/reference': no such directory"]),
-    "tokenizer path missing": (["tokenizer.path=/no/such/tokenizer", "tokenizer.characters=null"], ["tokenizer.path='/no/such/tokenizer': no such directory"]),
-    "broken tokenizer": (["student.path={broken-tokenizer}", "student.tiny=null", "tokenizer.characters=null"], ["student.path=", "cannot load this folder", "fix"]),
-    "broken config.json": (["teacher.path={broken-config}", "teacher.tiny=null"], ["teacher.path=", "cannot load this folder", "config.json"]),
-    "tokenizer lacks eos": (["tokenizer.path={no-eos}", "tokenizer.characters=null"], ["tokenizer.path=", "no eos_token", "fix"]),
-    "teacher tokenizer disagrees": (["teacher.path=" + str(LAB / "teacher"), "teacher.tiny=null"], ["teacher.path=", "at id 4 where the shared tokenizer has", "one tokenizer family"]),
-    "teacher head too small": (["teacher.tiny={hidden_size: 64, vocab_size: 40}"], [f"student output size {TOKENS}", "teacher output size 40", f"{TOKENS} ids"]),
-    "student head too small": (["student.tiny={vocab_size: 10}"], ["student output size 10", f"teacher output size {TOKENS}"]),
-    "remote code refused": (["teacher.path={custom-code}", "teacher.tiny=null"], ["teacher.path=", "custom code", "set teacher.trust_remote_code: true, only if you trust"]),
-    "tiny key typo": (["student.tiny={hiden_size: 64}"], ["student.tiny.hiden_size is not a Qwen3Config key", "did you mean student.tiny.hidden_size?"]),
-    "tiny reserved key": (["student.tiny={eos_token_id: 3}"], ["student.tiny.eos_token_id is set by the tokenizer"]),
-    "tiny unbuildable": (["teacher.tiny={hidden_size: abc}"], ["teacher.tiny=", "cannot build a Qwen3 model"]),
+    "student path missing": (
+        ["student.path=/no/such/student", "student.tiny=null", "tokenizer.characters=null"],
+        ["student.path='/no/such/student': no such directory", "fix"],
+    ),
+    "student hub id not cached": (
+        ["student.path=nobody/no-such-model", "student.tiny=null", "tokenizer.characters=null"],
+        ["student.path='nobody/no-such-model'", "HF_HUB_OFFLINE=1", "fix"],
+    ),
+    "teacher path missing": (
+        ["teacher.path=runs/no/teacher", "teacher.tiny=null"],
+        ["teacher.path='runs/no/teacher': no such directory"],
+    ),
+    "teacher path is a file": (
+        ["teacher.path={file}", "teacher.tiny=null"],
+        ["teacher.path=", "is a file, not a model folder"],
+    ),
+    "reference path missing": (
+        ["objective.name=exopd", "reference.path=/no/such/reference"],
+        ["reference.path='/no/such/reference': no such directory"],
+    ),
+    "tokenizer path missing": (
+        ["tokenizer.path=/no/such/tokenizer", "tokenizer.characters=null"],
+        ["tokenizer.path='/no/such/tokenizer': no such directory"],
+    ),
+    "broken tokenizer": (
+        ["student.path={broken-tokenizer}", "student.tiny=null", "tokenizer.characters=null"],
+        ["student.path=", "cannot load this folder", "fix"],
+    ),
+    "broken config.json": (
+        ["teacher.path={broken-config}", "teacher.tiny=null"],
+        ["teacher.path=", "cannot load this folder", "config.json"],
+    ),
+    "tokenizer lacks eos": (
+        ["tokenizer.path={no-eos}", "tokenizer.characters=null"],
+        ["tokenizer.path=", "no eos_token", "fix"],
+    ),
+    "teacher tokenizer disagrees": (
+        ["teacher.path=" + str(LAB / "teacher"), "teacher.tiny=null"],
+        ["teacher.path=", "at id 4 where the shared tokenizer has", "one tokenizer family"],
+    ),
+    "teacher head too small": (
+        ["teacher.tiny={hidden_size: 64, vocab_size: 40}"],
+        [f"student output size {TOKENS}", "teacher output size 40", f"{TOKENS} ids"],
+    ),
+    "student head too small": (
+        ["student.tiny={vocab_size: 10}"],
+        ["student output size 10", f"teacher output size {TOKENS}"],
+    ),
+    "remote code refused": (
+        ["teacher.path={custom-code}", "teacher.tiny=null"],
+        ["teacher.path=", "custom code", "set teacher.trust_remote_code: true, only if you trust"],
+    ),
+    "tiny key typo": (
+        ["student.tiny={hiden_size: 64}"],
+        [
+            "student.tiny.hiden_size is not a Qwen3Config key",
+            "did you mean student.tiny.hidden_size?",
+        ],
+    ),
+    "tiny reserved key": (
+        ["student.tiny={eos_token_id: 3}"],
+        ["student.tiny.eos_token_id is set by the tokenizer"],
+    ),
+    "tiny unbuildable": (
+        ["teacher.tiny={hidden_size: abc}"],
+        ["teacher.tiny=", "cannot build a Qwen3 model"],
+    ),
 }
 
 
@@ -248,8 +398,16 @@ def test_bad_model_source_is_one_line_naming_the_key(tmp_path, capsys, model_dir
 
 def test_overlong_prompts_error_mode_and_all_skipped(tmp_path, capsys):
     output_dir = tmp_path / "run"
-    status, stderr = train(capsys, output_dir, "data.max_prompt_length=5", "data.overlong_prompts=error")
-    refused(status, stderr, output_dir, "64 prompts exceed data.max_prompt_length=5", "overlong_prompts=skip")
+    status, stderr = train(
+        capsys, output_dir, "data.max_prompt_length=5", "data.overlong_prompts=error"
+    )
+    refused(
+        status,
+        stderr,
+        output_dir,
+        "64 prompts exceed data.max_prompt_length=5",
+        "overlong_prompts=skip",
+    )
     status, stderr = train(capsys, output_dir, "data.max_prompt_length=5")
     refused(status, stderr, output_dir, "every prompt is longer than data.max_prompt_length=5")
 
@@ -263,14 +421,22 @@ def test_overlong_prompts_are_skipped_with_a_counted_warning(tmp_path, capsys):
     limit = lengths[len(lengths) // 2]
     skipped = sum(length > limit for length in lengths)
     assert 0 < skipped < len(examples)
-    config = load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", f"data.max_prompt_length={limit}"])
+    config = load_config(
+        CONFIG, [f"output_dir={tmp_path / 'run'}", f"data.max_prompt_length={limit}"]
+    )
     capsys.readouterr()
     trainer = Trainer(config)
     out = capsys.readouterr().out
     # Once for data.train and once for data.eval (the same file in the tiny config).
     for key in ("data.train", "data.eval"):
         assert out.count(f"warning: {key}=") == 1
-    assert out.count(f": skipped {skipped} of {len(examples)} prompts longer than data.max_prompt_length={limit}") == 2
+    assert (
+        out.count(
+            f": skipped {skipped} of {len(examples)} prompts longer than "
+            f"data.max_prompt_length={limit}"
+        )
+        == 2
+    )
     assert len(trainer.prompts["plain"]) == len(examples) - skipped
 
 
@@ -281,7 +447,11 @@ def test_non_empty_output_dir_is_refused_and_left_alone(tmp_path, capsys):
     status, stderr = train(capsys, output_dir)
     lines = [line for line in stderr.splitlines() if line.startswith("dopd")]
     assert status == 2 and len(lines) == 1
-    assert lines[0].startswith("dopd: error: output_dir") and "--resume" in lines[0] and "--overwrite" in lines[0]
+    assert (
+        lines[0].startswith("dopd: error: output_dir")
+        and "--resume" in lines[0]
+        and "--overwrite" in lines[0]
+    )
     assert [p.name for p in output_dir.iterdir()] == ["notes.txt"]
 
 
@@ -299,7 +469,10 @@ def test_overwrite_with_a_bad_dataset_leaves_the_old_run_alone(tmp_path, capsys)
     ("argv", "expected"),
     [
         (["train"], "the following arguments are required: --config"),
-        (["train", "--config", "c.yaml", "--stop-after", "0"], "expected a positive integer, got '0'"),
+        (
+            ["train", "--config", "c.yaml", "--stop-after", "0"],
+            "expected a positive integer, got '0'",
+        ),
         (["trian"], "invalid choice: 'trian'"),
     ],
 )
@@ -313,7 +486,15 @@ def test_bad_arguments_are_one_line(capsys, argv, expected):
 
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_shows_the_traceback(tmp_path, where):
-    args = ["train", "--config", str(CONFIG), "--set", "optim.lrr=1", "--set", f"output_dir={tmp_path}"]
+    args = [
+        "train",
+        "--config",
+        str(CONFIG),
+        "--set",
+        "optim.lrr=1",
+        "--set",
+        f"output_dir={tmp_path}",
+    ]
     argv = ["--debug", *args] if where == "before" else [*args, "--debug"]
     with pytest.raises(ConfigError, match="did you mean optim.lr"):
         main(argv)
@@ -353,7 +534,9 @@ def test_eval_bad_model_folder_or_data_is_one_line(tmp_path, capsys, model, data
 
 
 def test_multi_line_messages_print_on_one_line(tmp_path, capsys):
-    status, stderr = train(capsys, tmp_path / "run", "data.train=" + json.dumps(str(tmp_path / "a\nb.jsonl")))
+    status, stderr = train(
+        capsys, tmp_path / "run", "data.train=" + json.dumps(str(tmp_path / "a\nb.jsonl"))
+    )
     assert status == 2 and len(stderr.splitlines()) == 1 and "a b.jsonl" in stderr
 
 
@@ -393,39 +576,76 @@ def recorders(monkeypatch) -> dict[str, Recorder]:
 
 
 def test_trust_remote_code_is_off_by_default_everywhere():
-    config = load_config(None, ["student.path=s", "teacher.path=t", "data.train=d.jsonl", "objective.name=exopd", "reference.path=r"])
-    assert not any(spec.trust_remote_code for spec in (config.student, config.teacher, config.reference, config.tokenizer))
-    assert ModelSpec(path="x").trust_remote_code is False and TokenizerSpec().trust_remote_code is False
+    config = load_config(
+        None,
+        [
+            "student.path=s",
+            "teacher.path=t",
+            "data.train=d.jsonl",
+            "objective.name=exopd",
+            "reference.path=r",
+        ],
+    )
+    assert not any(
+        spec.trust_remote_code
+        for spec in (config.student, config.teacher, config.reference, config.tokenizer)
+    )
+    assert (
+        ModelSpec(path="x").trust_remote_code is False
+        and TokenizerSpec().trust_remote_code is False
+    )
 
 
 def test_each_model_passes_its_own_trust_flag(recorders):
     tokenizer = build_char_tokenizer("abc")
     load_model(ModelSpec(path="trusted"), tokenizer, seed=0)
     load_model(ModelSpec(path="trusted", trust_remote_code=True), tokenizer, seed=0)
-    assert [kwargs["trust_remote_code"] for _, kwargs in recorders["AutoModelForCausalLM"].calls] == [False, True]
+    assert [
+        kwargs["trust_remote_code"] for _, kwargs in recorders["AutoModelForCausalLM"].calls
+    ] == [False, True]
     # The tokenizer: its own flag with tokenizer.path, else the student's (it is the student's).
     load_tokenizer(TokenizerSpec(path="tok"), ModelSpec(path="s", trust_remote_code=True))
     load_tokenizer(TokenizerSpec(path="tok", trust_remote_code=True), ModelSpec(path="s"))
     load_tokenizer(TokenizerSpec(), ModelSpec(path="s", trust_remote_code=True))
-    calls = [(path, kwargs["trust_remote_code"]) for path, kwargs in recorders["AutoTokenizer"].calls]
+    calls = [
+        (path, kwargs["trust_remote_code"]) for path, kwargs in recorders["AutoTokenizer"].calls
+    ]
     assert calls == [("tok", False), ("tok", True), ("s", True)]
 
 
 def test_preflight_checks_pass_each_models_own_flag(recorders):
-    config = load_config(None, [
-        "student.path=s", "teacher.path=t", "teacher.trust_remote_code=true", "data.train=d.jsonl",
-        "objective.name=exopd", "reference.path=r",
-    ])
+    config = load_config(
+        None,
+        [
+            "student.path=s",
+            "teacher.path=t",
+            "teacher.trust_remote_code=true",
+            "data.train=d.jsonl",
+            "objective.name=exopd",
+            "reference.path=r",
+        ],
+    )
     check_sources(config)
     flags = {path: kwargs["trust_remote_code"] for path, kwargs in recorders["AutoConfig"].calls}
     assert flags == {"s": False, "t": True, "r": False}
-    tokenizer_flags = {path: kwargs["trust_remote_code"] for path, kwargs in recorders["AutoTokenizer"].calls}
-    assert tokenizer_flags == {"s": False, "t": True, "r": False}  # shared (student's), then each own
+    tokenizer_flags = {
+        path: kwargs["trust_remote_code"] for path, kwargs in recorders["AutoTokenizer"].calls
+    }
+    assert tokenizer_flags == {
+        "s": False,
+        "t": True,
+        "r": False,
+    }  # shared (student's), then each own
 
 
 def test_remote_code_is_never_run_without_the_flag(model_dirs):
     with pytest.raises(ConfigError, match="teacher.trust_remote_code: true"):
-        load_model(ModelSpec(path=str(model_dirs["custom-code"])), build_char_tokenizer("ab"), seed=0, key="teacher")
+        load_model(
+            ModelSpec(path=str(model_dirs["custom-code"])),
+            build_char_tokenizer("ab"),
+            seed=0,
+            key="teacher",
+        )
     assert not (model_dirs["root"] / "EXECUTED").exists()
 
 
@@ -437,8 +657,20 @@ def test_a_tokenizer_without_pad_pads_with_eos(tmp_path):
     assert loaded.pad_token_id == loaded.eos_token_id is not None
 
 
-SHELL_CALLS = {"system", "popen", "spawnl", "spawnlp", "spawnv", "spawnvp", "execv", "execvp", "execl",
-               "execlp", "getoutput", "getstatusoutput"}
+SHELL_CALLS = {
+    "system",
+    "popen",
+    "spawnl",
+    "spawnlp",
+    "spawnv",
+    "spawnvp",
+    "execv",
+    "execvp",
+    "execl",
+    "execlp",
+    "getoutput",
+    "getstatusoutput",
+}
 
 
 def test_no_config_value_reaches_a_shell():
@@ -460,9 +692,9 @@ def test_no_config_value_reaches_a_shell():
             assert not any(k.arg == "shell" for k in node.keywords), f"{where}: shell="
             if owner_name == "subprocess":
                 argv = node.args[0]
-                assert isinstance(argv, ast.List) and all(isinstance(a, ast.Constant) for a in argv.elts), (
-                    f"{path}:{node.lineno}: subprocess argv must be a literal list"
-                )
+                assert isinstance(argv, ast.List) and all(
+                    isinstance(a, ast.Constant) for a in argv.elts
+                ), f"{path}:{node.lineno}: subprocess argv must be a literal list"
                 subprocess_calls.append((path.name, [a.value for a in argv.elts]))
     assert subprocess_calls == [("commands.py", ["git", "rev-parse", "--short", "HEAD"])]
 
@@ -470,10 +702,21 @@ def test_no_config_value_reaches_a_shell():
 def test_html_escapes_script_in_every_field():
     script = "<script>alert(1)</script>"
     page = render_rollouts_html(
-        [{"prompt": script, "tokens": [script, "\n" + script], "regimes": [script, "HT"],
-          "q_teacher": [0.1, 0.2], "q_student": [0.3, 0.4], "gap": [0.5, 0.6],
-          "answer": script, "completion": script, "correct": True}],
-        title=script, legend={script: script, "HT": script},
+        [
+            {
+                "prompt": script,
+                "tokens": [script, "\n" + script],
+                "regimes": [script, "HT"],
+                "q_teacher": [0.1, 0.2],
+                "q_student": [0.3, 0.4],
+                "gap": [0.5, 0.6],
+                "answer": script,
+                "completion": script,
+                "correct": True,
+            }
+        ],
+        title=script,
+        legend={script: script, "HT": script},
     )
     assert "<script" not in page and page.count("&lt;script&gt;") >= 9
 
@@ -498,8 +741,22 @@ def test_vocabulary_rule_refuses_a_head_smaller_than_the_tokenizer():
 
 def test_vocabulary_rule_on_model_heads():
     tokenizer = build_char_tokenizer("abcdef")  # 10 ids
-    student, padded, small = (build_tiny_model(size, hidden_size=8, num_hidden_layers=1) for size in (10, 16, 8))
-    assert common_vocabulary({"student": output_size(student), "teacher": output_size(padded)}, len(tokenizer)) == 10
-    assert common_vocabulary({"student": output_size(padded), "teacher": output_size(padded)}, len(tokenizer)) == 16
+    student, padded, small = (
+        build_tiny_model(size, hidden_size=8, num_hidden_layers=1) for size in (10, 16, 8)
+    )
+    assert (
+        common_vocabulary(
+            {"student": output_size(student), "teacher": output_size(padded)}, len(tokenizer)
+        )
+        == 10
+    )
+    assert (
+        common_vocabulary(
+            {"student": output_size(padded), "teacher": output_size(padded)}, len(tokenizer)
+        )
+        == 16
+    )
     with pytest.raises(ConfigError, match="teacher output size 8"):
-        common_vocabulary({"student": output_size(student), "teacher": output_size(small)}, len(tokenizer))
+        common_vocabulary(
+            {"student": output_size(student), "teacher": output_size(small)}, len(tokenizer)
+        )

@@ -37,8 +37,15 @@ from dopd.trainer import Trainer, _truncate_metrics
 ROOT = Path(__file__).resolve().parents[1]
 TINY, DATA = str(ROOT / "configs" / "tiny.yaml"), str(ROOT / "configs" / "data" / "tiny.jsonl")
 # Two steps, a checkpoint after each, with the EMA privileged student so that every part exists.
-RUN = ("optim.max_steps=2", "optim.warmup_steps=1", "loop.save_every=1", "views.priv_student_weights=ema",
-       "rollout.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_completion_length=6")
+RUN = (
+    "optim.max_steps=2",
+    "optim.warmup_steps=1",
+    "loop.save_every=1",
+    "views.priv_student_weights=ema",
+    "rollout.prompts_per_step=2",
+    "rollout.num_generations=2",
+    "rollout.max_completion_length=6",
+)
 
 
 def tiny_config(output_dir: Path, *overrides: str):
@@ -63,9 +70,16 @@ def run_copy(trained, tmp_path) -> Path:
 def _state_of(trainer: Trainer) -> dict:
     optimizer = trainer.optimizer.state_dict()
     return {
-        "student": {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.student).state_dict().items()},
+        "student": {
+            k: v.clone()
+            for k, v in trainer.accelerator.unwrap_model(trainer.student).state_dict().items()
+        },
         "ema": {k: v.clone() for k, v in trainer.ema.state_dict().items()},
-        "optimizer_state": {(i, n): v.clone() if torch.is_tensor(v) else v for i, s in optimizer["state"].items() for n, v in s.items()},
+        "optimizer_state": {
+            (i, n): v.clone() if torch.is_tensor(v) else v
+            for i, s in optimizer["state"].items()
+            for n, v in s.items()
+        },
         "param_groups": [dict(group) for group in optimizer["param_groups"]],
         "scheduler": trainer.scheduler.state_dict(),
     }
@@ -102,8 +116,18 @@ def test_round_trip_restores_every_part_bit_for_bit(tmp_path):
 def test_a_checkpoint_is_safetensors_and_json_only(trained):
     checkpoint = checkpoint_dir(trained, 2)
     files = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()}
-    assert {"manifest.json", "trainer_state.json", "student.safetensors", "optimizer.safetensors", "optimizer.json",
-            "scheduler.json", "rng.safetensors", "ema.safetensors", "model/config.json", "model/model.safetensors"} <= files
+    assert {
+        "manifest.json",
+        "trainer_state.json",
+        "student.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "rng.safetensors",
+        "ema.safetensors",
+        "model/config.json",
+        "model/model.safetensors",
+    } <= files
     for name in files:  # each parses as what its name says; no torch.save zip or bare pickle
         if name.endswith(".safetensors"):
             load_file(str(checkpoint / name))
@@ -122,7 +146,12 @@ def test_loading_never_unpickles(trained, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a checkpoint load unpickled something")
 
-    for module, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+    for module, name in [
+        (pickle, "load"),
+        (pickle, "loads"),
+        (pickle, "Unpickler"),
+        (torch, "load"),
+    ]:
         monkeypatch.setattr(module, name, refuse)
     assert load_checkpoint(trainer.accelerator, checkpoint_dir(trained, 2), trainer.state) == 2
 
@@ -130,10 +159,14 @@ def test_loading_never_unpickles(trained, tmp_path, monkeypatch):
 def test_no_unsafe_deserialisation_in_the_package():
     for path in sorted((ROOT / "src" / "dopd").rglob("*.py")):
         text = path.read_text()
-        assert not re.search(r"^\s*(import pickle|from pickle)|\bpickle\.", text, re.MULTILINE), f"{path}: uses pickle"
+        assert not re.search(r"^\s*(import pickle|from pickle)|\bpickle\.", text, re.MULTILINE), (
+            f"{path}: uses pickle"
+        )
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path}: {call}"
-        assert not re.search(r"\.(save|load)_state\(", text), f"{path}: accelerate's pickle-based save_state/load_state"
+        assert not re.search(r"\.(save|load)_state\(", text), (
+            f"{path}: accelerate's pickle-based save_state/load_state"
+        )
 
 
 def _truncate(path: Path) -> None:
@@ -166,15 +199,22 @@ def test_a_corrupted_checkpoint_is_reported_and_skipped(run_copy, case):
     assert len(reports) == 1 and "step-000002" in reports[0] and reason in reports[0]
 
 
-def test_resume_skips_a_corrupted_checkpoint_and_still_ends_bit_identical(trained, run_copy, capsys):
+def test_resume_skips_a_corrupted_checkpoint_and_still_ends_bit_identical(
+    trained, run_copy, capsys
+):
     _flip_byte(checkpoint_dir(run_copy, 2) / "student.safetensors")
     (run_copy / "model").rename(run_copy / "old-model")
     trainer = Trainer(tiny_config(run_copy), resume=True)
     assert trainer.step == 1 and "skipping checkpoint" in capsys.readouterr().err
     trainer.train()  # redoes step 2 and writes a fresh step-000002 over the broken one
     assert verify_checkpoint(checkpoint_dir(run_copy, 2)) is None
-    expected, actual = load_file(str(trained / "model" / "model.safetensors")), load_file(str(run_copy / "model" / "model.safetensors"))
-    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    expected, actual = (
+        load_file(str(trained / "model" / "model.safetensors")),
+        load_file(str(run_copy / "model" / "model.safetensors")),
+    )
+    assert expected.keys() == actual.keys() and all(
+        torch.equal(expected[k], actual[k]) for k in expected
+    )
 
 
 def test_resume_refuses_when_every_checkpoint_is_broken(run_copy):
@@ -201,10 +241,14 @@ def test_publishing_is_all_or_nothing(tmp_path):
     with pytest.raises(RuntimeError), publishing(target) as temp:
         (temp / "a").write_text("new, half written")
         raise RuntimeError("killed")
-    assert (target / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (target / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model"
+    ]
     with publishing(target) as temp:  # replaces a non-empty folder
         (temp / "b").write_text("new")
-    assert [p.name for p in target.iterdir()] == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert [p.name for p in target.iterdir()] == ["b"] and sorted(
+        p.name for p in tmp_path.iterdir()
+    ) == ["model"]
     with pytest.raises(RuntimeError), replacing(tmp_path / "config.yaml") as temp:
         temp.write_text("half")
         raise RuntimeError("killed")
@@ -213,7 +257,9 @@ def test_publishing_is_all_or_nothing(tmp_path):
 
 def test_metrics_truncation_drops_later_steps_and_a_torn_line(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    path.write_text(
+        "".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo'
+    )
     _truncate_metrics(path, 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     assert path.read_text().endswith("\n") and "unreadable" in capsys.readouterr().err
@@ -229,7 +275,9 @@ def test_optimizer_state_round_trips_through_tensors_and_json(seed):
     optimizer.step()
     state = optimizer.state_dict()
     tensors, structure = _flatten_optimizer(state)
-    restored = _unflatten_optimizer(tensors, json.loads(json.dumps(structure)), state["param_groups"])
+    restored = _unflatten_optimizer(
+        tensors, json.loads(json.dumps(structure)), state["param_groups"]
+    )
     _assert_same(state, restored)
 
 
@@ -241,17 +289,22 @@ def test_sharded_runs_are_refused():
 
 
 def _stress_module():
-    spec = importlib.util.spec_from_file_location("stress_resume", ROOT / "scripts" / "stress_resume.py")
+    spec = importlib.util.spec_from_file_location(
+        "stress_resume", ROOT / "scripts" / "stress_resume.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
     stress = _stress_module()
     timing = stress.reference_run(tmp_path)
     kills = stress.interrupted_run(tmp_path / "killed", 5, random.Random(0), timing)
     assert len(kills) == 5, kills
     stress.compare_runs(tmp_path / "reference", tmp_path / "killed")
-    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert not any(
+        p.name.startswith(".tmp-") for p in (tmp_path / "killed" / "checkpoints").iterdir()
+    )

@@ -146,7 +146,10 @@ def test_byte_order_mark_is_not_part_of_the_data(tmp_path):
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ('{"prompt": "\\ud800", "privileged_context": "add"}', "prompt holds the unpaired surrogate"),
+        (
+            '{"prompt": "\\ud800", "privileged_context": "add"}',
+            "prompt holds the unpaired surrogate",
+        ),
         (
             '{"prompt": [{"role": "user", "content": "a\\udc00"}], "privileged_context": "add"}',
             "prompt[0].content holds the unpaired surrogate",

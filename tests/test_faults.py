@@ -26,21 +26,38 @@ def poison_logits(model: torch.nn.Module, value: float) -> torch.Tensor:
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.student).named_parameters()}
+    return {
+        n: p.detach().clone()
+        for n, p in trainer.accelerator.unwrap_model(trainer.student).named_parameters()
+    }
 
 
 def records(trainer: Trainer) -> list[dict]:
-    return [json.loads(line) for line in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nonfinite_teacher_logits_stop_the_run_with_a_diagnosis_and_untouched_weights(tmp_path, value):
-    config = tiny_config(tmp_path, "objective.name=vanilla_opd", "optim.max_steps=4", "optim.max_consecutive_skips=2",
-                         "rollout.prompts_per_step=2", "rollout.num_generations=2", "loop.save_every=0")
+def test_nonfinite_teacher_logits_stop_the_run_with_a_diagnosis_and_untouched_weights(
+    tmp_path, value
+):
+    config = tiny_config(
+        tmp_path,
+        "objective.name=vanilla_opd",
+        "optim.max_steps=4",
+        "optim.max_consecutive_skips=2",
+        "rollout.prompts_per_step=2",
+        "rollout.num_generations=2",
+        "loop.save_every=0",
+    )
     trainer = Trainer(config)
     before = weights(trainer)
     poison_logits(trainer.models["teacher"], value)
-    with pytest.raises(DOPDError, match=r"stopped at step 2 after 2 consecutive .*the teacher view's logits are non-finite"):
+    with pytest.raises(
+        DOPDError,
+        match=r"stopped at step 2 after 2 consecutive .*the teacher view's logits are non-finite",
+    ):
         trainer.train()
     after = weights(trainer)
     assert all(torch.equal(before[n], after[n]) for n in before)
@@ -49,9 +66,16 @@ def test_nonfinite_teacher_logits_stop_the_run_with_a_diagnosis_and_untouched_we
 
 
 def test_one_bad_step_is_skipped_counted_and_training_goes_on(tmp_path, capsys):
-    config = tiny_config(tmp_path, "objective.name=dopd", "optim.max_steps=3", "rollout.prompts_per_step=2",
-                         "rollout.num_generations=2", "loop.save_every=0", "optim.warmup_steps=0",
-                         "views.priv_student_weights=base")
+    config = tiny_config(
+        tmp_path,
+        "objective.name=dopd",
+        "optim.max_steps=3",
+        "rollout.prompts_per_step=2",
+        "rollout.num_generations=2",
+        "loop.save_every=0",
+        "optim.warmup_steps=0",
+        "views.priv_student_weights=base",
+    )
     trainer = Trainer(config)
     before = weights(trainer)
     head = trainer.models["priv_student"].get_output_embeddings().weight
@@ -66,21 +90,32 @@ def test_one_bad_step_is_skipped_counted_and_training_goes_on(tmp_path, capsys):
     trainer.step += 1
     assert second["skipped_step"] == 1.0 and second["skipped_steps"] == 1.0
     assert all(torch.equal(after_first[n], p) for n, p in weights(trainer).items())
-    assert "step 2: non-finite loss or gradient, optimizer step skipped (1 in a row, 1 in all)" in capsys.readouterr().out
+    assert (
+        "step 2: non-finite loss or gradient, optimizer step skipped (1 in a row, 1 in all)"
+        in capsys.readouterr().out
+    )
     third = trainer.train_step()
     assert third["skipped_step"] == 0.0 and third["skipped_steps"] == 1.0
     assert trainer.consecutive_skips == 0
 
 
 def test_finite_logits_with_a_nonfinite_loss_blame_the_objective(tmp_path):
-    config = tiny_config(tmp_path, "objective.name=gkd", "optim.max_steps=2", "optim.max_consecutive_skips=1",
-                         "rollout.prompts_per_step=2", "rollout.num_generations=2", "loop.save_every=0")
+    config = tiny_config(
+        tmp_path,
+        "objective.name=gkd",
+        "optim.max_steps=2",
+        "optim.max_consecutive_skips=1",
+        "rollout.prompts_per_step=2",
+        "rollout.num_generations=2",
+        "loop.save_every=0",
+    )
     trainer = Trainer(config)
     # A NaN loss temperature: every view's logits stay finite, the objective's values do not.
     object.__setattr__(trainer.objective.config, "temperature", float("nan"))
-    with pytest.raises(DOPDError, match=r"stopped at step 1 .*objective 'gkd' produced the non-finite"):
+    with pytest.raises(
+        DOPDError, match=r"stopped at step 1 .*objective 'gkd' produced the non-finite"
+    ):
         trainer.train()
-
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
@@ -89,7 +124,11 @@ def test_nonfinite_numbers_in_the_data_are_refused_with_file_and_line(tmp_path, 
     row = {"prompt": '"1+1="', "privileged_context": '"add"', "answer": '"2"'}
     row[key] = literal
     path = tmp_path / "data.jsonl"
-    path.write_text('{"prompt": "2+2=", "privileged_context": "add", "answer": "4"}\n'
-                    + "{" + ", ".join(f'"{k}": {v}' for k, v in row.items()) + "}\n")
+    path.write_text(
+        '{"prompt": "2+2=", "privileged_context": "add", "answer": "4"}\n'
+        + "{"
+        + ", ".join(f'"{k}": {v}' for k, v in row.items())
+        + "}\n"
+    )
     with pytest.raises(DataError, match=rf"^{path}:2: {key}"):
         load_examples(str(path))

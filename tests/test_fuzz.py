@@ -35,6 +35,8 @@ from dopd.errors import ConfigError, DataError
 from dopd.tiny import build_char_tokenizer
 from dopd.viz.tokens import render_rollouts_html
 
+# Full-count fuzzing takes a while: the inner loop (-m "not slow") skips it, CI runs it.
+pytestmark = pytest.mark.slow
 CASES: Counter[str] = Counter()
 MIN_TOTAL = 10_000
 # Per target: (max_examples, ...). The sum is the case count docs/reliability.md reports.
@@ -51,11 +53,36 @@ BUDGET = {
     "config_mutations": 2500,
     "html": 300,
 }
-SEED_ROWS = (Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny.jsonl").read_bytes().split(b"\n")[:4]
+SEED_ROWS = (
+    (Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny.jsonl")
+    .read_bytes()
+    .split(b"\n")[:4]
+)
 SEED_CONFIG = (Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").read_bytes()
 # Bytes a mutation inserts: JSON/YAML structure, escapes, a BOM, invalid UTF-8, NUL, a YAML tag.
-INSERTS = [b"{", b"}", b"[", b"]", b'"', b",", b":", b"\\", b"\n", b"\xef\xbb\xbf", b"\xff", b"\x00",
-           b"\\ud800", b"null", b"0", b"-1", b"1e999", b"!!python/object:os.system", b"\t", b" ", b"#"]
+INSERTS = [
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b'"',
+    b",",
+    b":",
+    b"\\",
+    b"\n",
+    b"\xef\xbb\xbf",
+    b"\xff",
+    b"\x00",
+    b"\\ud800",
+    b"null",
+    b"0",
+    b"-1",
+    b"1e999",
+    b"!!python/object:os.system",
+    b"\t",
+    b" ",
+    b"#",
+]
 SETTINGS = {"deadline": None, "suppress_health_check": list(HealthCheck)}
 REQUIRED = ["student.path=student-model", "teacher.path=teacher-model", "data.train=train.jsonl"]
 TOKENIZER = build_char_tokenizer("0123456789+-*=() abcdefghij\n{}", chat_template=True)
@@ -77,7 +104,7 @@ def workdir(tmp_path_factory) -> Path:
 # A small alphabet keeps generation cheap yet hits every class that matters: ASCII, braces,
 # quotes and backslashes, whitespace and line separators, NUL, non-ASCII, and a lone surrogate
 # (JSON can spell one as a \\ud800 escape).
-ALPHABET = "ab01 +={}\n\t\"\\\x00\u00e9\u4e2d\u2028\U0001f642\ud800"
+ALPHABET = 'ab01 +={}\n\t"\\\x00\u00e9\u4e2d\u2028\U0001f642\ud800'
 TEXT = st.text(st.sampled_from(ALPHABET), max_size=8) | st.sampled_from(["", " ", "1+1=", "user"])
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant"]) | TEXT, "content": TEXT}
@@ -114,9 +141,24 @@ def read_or_refuse(path: Path) -> None:
 
 
 @fuzz("jsonl_bytes")
-@given(data=st.binary(max_size=200) | st.lists(st.sampled_from(
-    [b'{"prompt": "1+1=", "privileged_context": "add"}', b"{", b"\xff", b"[]", b"\n", b"\xef\xbb\xbf",
-     b'{"prompt": "\\ud800", "privileged_context": "x"}', b"[" * 5000]), max_size=4).map(b"\n".join))
+@given(
+    data=st.binary(max_size=200)
+    | st.lists(
+        st.sampled_from(
+            [
+                b'{"prompt": "1+1=", "privileged_context": "add"}',
+                b"{",
+                b"\xff",
+                b"[]",
+                b"\n",
+                b"\xef\xbb\xbf",
+                b'{"prompt": "\\ud800", "privileged_context": "x"}',
+                b"[" * 5000,
+            ]
+        ),
+        max_size=4,
+    ).map(b"\n".join)
+)
 def test_jsonl_bytes_raise_only_data_error(workdir, data):
     CASES["jsonl_bytes"] += 1
     path = workdir / "fuzz.jsonl"
@@ -125,7 +167,9 @@ def test_jsonl_bytes_raise_only_data_error(workdir, data):
 
 
 @fuzz("json_bytes")
-@given(data=st.binary(max_size=200) | st.sampled_from([b"[" * 5000, b"[]", b"\xef\xbb\xbf[]", b"{}"]))
+@given(
+    data=st.binary(max_size=200) | st.sampled_from([b"[" * 5000, b"[]", b"\xef\xbb\xbf[]", b"{}"])
+)
 def test_json_bytes_raise_only_data_error(workdir, data):
     CASES["json_bytes"] += 1
     path = workdir / "fuzz.json"
@@ -134,7 +178,9 @@ def test_json_bytes_raise_only_data_error(workdir, data):
 
 
 @fuzz("parquet_bytes")
-@given(data=st.binary(max_size=300).map(lambda body: b"PAR1" + body + b"PAR1") | st.binary(max_size=64))
+@given(
+    data=st.binary(max_size=300).map(lambda body: b"PAR1" + body + b"PAR1") | st.binary(max_size=64)
+)
 def test_parquet_bytes_raise_only_data_error(workdir, data):
     CASES["parquet_bytes"] += 1
     path = workdir / "fuzz.parquet"
@@ -193,22 +239,46 @@ def test_json_mutations_raise_only_data_error(workdir):
 # Privileged template builder
 
 PIECES = st.sampled_from(
-    ["{prompt}", "{privileged_context}", "{", "}", "{{", "}}", "{prompt!r}", "{prompt:>4}",
-     "{privileged_context.x}", "{0}", "{}", "{prompt[0]}", "\n", " hint: ", "{prompt:{privileged_context}}"]
+    [
+        "{prompt}",
+        "{privileged_context}",
+        "{",
+        "}",
+        "{{",
+        "}}",
+        "{prompt!r}",
+        "{prompt:>4}",
+        "{privileged_context.x}",
+        "{0}",
+        "{}",
+        "{prompt[0]}",
+        "\n",
+        " hint: ",
+        "{prompt:{privileged_context}}",
+    ]
 ) | st.text(max_size=4)
 TEMPLATES = st.lists(PIECES, max_size=6).map("".join) | st.tuples(TEXT, TEXT, TEXT).map(
     lambda parts: f"{parts[0]}{{prompt}}{parts[1]}{{privileged_context}}{parts[2]}"
 )
-SAFE_TEXT = st.text(st.sampled_from("ab1+= \n\u00e9{}"), min_size=1, max_size=8).map(lambda t: t + "x")
+SAFE_TEXT = st.text(st.sampled_from("ab1+= \n\u00e9{}"), min_size=1, max_size=8).map(
+    lambda t: t + "x"
+)
 CHAT = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["system", "assistant", "user"]), "content": SAFE_TEXT}),
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "assistant", "user"]), "content": SAFE_TEXT}
+    ),
     max_size=3,
 ).map(lambda messages: [*messages, {"role": "user", "content": "q"}])
 
 
 def fill(template: str, prompt: str, context: str) -> str:
     """Independent reference of ``str.format`` for accepted templates, scanning left to right."""
-    replacements = (("{{", "{"), ("}}", "}"), ("{prompt}", prompt), ("{privileged_context}", context))
+    replacements = (
+        ("{{", "{"),
+        ("}}", "}"),
+        ("{prompt}", prompt),
+        ("{privileged_context}", context),
+    )
     out, index = [], 0
     while index < len(template):
         for token, value in replacements:
@@ -236,7 +306,9 @@ def test_template_builder_raises_only_config_error(template, prompt, context):
     if isinstance(prompt, str):
         assert built == fill(template, prompt, context)
     else:
-        assert built[:-1] == prompt[:-1] and prompt[-1]["content"] == "q"  # a copy; only the last user turn
+        assert (
+            built[:-1] == prompt[:-1] and prompt[-1]["content"] == "q"
+        )  # a copy; only the last user turn
         assert context in built[-1]["content"]
     tokenize_views([example], TOKENIZER, template)
 
@@ -244,18 +316,54 @@ def test_template_builder_raises_only_config_error(template, prompt, context):
 # ---------------------------------------------------------------------------------------------
 # Config parser
 
-KEYS = st.sampled_from(
-    ["output_dir", "seed", "student", "teacher", "data", "objective", "optim", "rollout", "loop",
-     "path", "tiny", "top_k", "trim_quantile", "beta_weak", "lr", "train", "trust_remote_code", "x"]
-) | TEXT
+KEYS = (
+    st.sampled_from(
+        [
+            "output_dir",
+            "seed",
+            "student",
+            "teacher",
+            "data",
+            "objective",
+            "optim",
+            "rollout",
+            "loop",
+            "path",
+            "tiny",
+            "top_k",
+            "trim_quantile",
+            "beta_weak",
+            "lr",
+            "train",
+            "trust_remote_code",
+            "x",
+        ]
+    )
+    | TEXT
+)
 YAML_VALUES = st.recursive(
-    SCALARS, lambda children: st.lists(children, max_size=3) | st.dictionaries(KEYS, children, max_size=3),
+    SCALARS,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(KEYS, children, max_size=3),
     max_leaves=6,
 )
 YAML_SNIPPETS = st.sampled_from(
-    ["!!python/object/apply:os.system ['true']", "!!python/name:os.system", "&a [*a]", "*x",
-     "{a: 1", "- a\n- b", "\t", "2024-13-45", "1" * 5000, "!!binary 'AA=='", "? [a]\n: 1", "'\\ud800'",
-     '"\\ud800"', "!!set {a}", "<<: {a: 1}"]
+    [
+        "!!python/object/apply:os.system ['true']",
+        "!!python/name:os.system",
+        "&a [*a]",
+        "*x",
+        "{a: 1",
+        "- a\n- b",
+        "\t",
+        "2024-13-45",
+        "1" * 5000,
+        "!!binary 'AA=='",
+        "? [a]\n: 1",
+        "'\\ud800'",
+        '"\\ud800"',
+        "!!set {a}",
+        "<<: {a: 1}",
+    ]
 )
 
 
@@ -281,7 +389,9 @@ def test_config_bytes_raise_only_config_error(workdir, data):
 @given(
     document=st.dictionaries(KEYS, YAML_VALUES, max_size=4),
     snippet=st.none() | st.tuples(KEYS, YAML_SNIPPETS),
-    overrides=st.lists(st.tuples(KEYS, KEYS, TEXT).map(lambda t: f"{t[0]}.{t[1]}={t[2]}"), max_size=2),
+    overrides=st.lists(
+        st.tuples(KEYS, KEYS, TEXT).map(lambda t: f"{t[0]}.{t[1]}={t[2]}"), max_size=2
+    ),
 )
 def test_config_yaml_raises_only_config_error(workdir, document, snippet, overrides):
     CASES["config_yaml"] += 1
@@ -304,10 +414,38 @@ def test_config_mutations_raise_only_config_error(workdir):
 # ---------------------------------------------------------------------------------------------
 # Rollout page: every model or dataset string stays text
 
-ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "div", "span", "pre",
-                "p", "code", "details", "summary", "section", "br"}
-HOSTILE = st.sampled_from(["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "</style>",
-                           "&amp;", "'", "\n", "<!--", "]]>", "</span>"]) | st.text(st.sampled_from("<>&\"'/ab=\n"), max_size=8)
+ALLOWED_TAGS = {
+    "html",
+    "head",
+    "meta",
+    "title",
+    "style",
+    "body",
+    "h1",
+    "h2",
+    "div",
+    "span",
+    "pre",
+    "p",
+    "code",
+    "details",
+    "summary",
+    "section",
+    "br",
+}
+HOSTILE = st.sampled_from(
+    [
+        "<script>alert(1)</script>",
+        '"><img src=x onerror=alert(1)>',
+        "</style>",
+        "&amp;",
+        "'",
+        "\n",
+        "<!--",
+        "]]>",
+        "</span>",
+    ]
+) | st.text(st.sampled_from("<>&\"'/ab=\n"), max_size=8)
 
 
 class Tags(HTMLParser):
@@ -323,14 +461,22 @@ class Tags(HTMLParser):
 @fuzz("html")
 @given(
     tokens=st.lists(st.tuples(HOSTILE, HOSTILE), min_size=1, max_size=4),
-    prompt=HOSTILE, title=HOSTILE, answer=HOSTILE, legend=st.dictionaries(HOSTILE, HOSTILE, max_size=2),
+    prompt=HOSTILE,
+    title=HOSTILE,
+    answer=HOSTILE,
+    legend=st.dictionaries(HOSTILE, HOSTILE, max_size=2),
 )
 def test_rollout_page_escapes_every_string(tokens, prompt, title, answer, legend):
     CASES["html"] += 1
     rollout = {
-        "prompt": prompt, "tokens": [t for t, _ in tokens], "regimes": [r for _, r in tokens],
-        "q_teacher": [0.5] * len(tokens), "q_student": [0.5] * len(tokens), "gap": [0.0] * len(tokens),
-        "answer": answer, "completion": prompt,
+        "prompt": prompt,
+        "tokens": [t for t, _ in tokens],
+        "regimes": [r for _, r in tokens],
+        "q_teacher": [0.5] * len(tokens),
+        "q_student": [0.5] * len(tokens),
+        "gap": [0.0] * len(tokens),
+        "answer": answer,
+        "completion": prompt,
     }
     page = Tags()
     page.feed(render_rollouts_html([rollout], title=title, legend=legend))

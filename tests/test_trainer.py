@@ -19,6 +19,7 @@ from dopd.objectives.registry import OBJECTIVES
 from dopd.rollout import generate_rollouts, rollout_seeds
 from dopd.step import make_micro_batches, run_step
 from dopd.trainer import Trainer
+from tests.tolerance import REORDERED, assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -36,19 +37,32 @@ def step_rollouts(trainer: Trainer, step: int = 0):
     local = trainer.sampler.indices(step)
     policy = trainer.accelerator.unwrap_model(trainer.student)
     rollouts = generate_rollouts(
-        policy, [trainer.prompts["plain"][i] for i in local],
-        eos_token_id=trainer.tokenizer.eos_token_id, pad_token_id=trainer.tokenizer.pad_token_id,
-        max_completion_length=rollout.max_completion_length, num_generations=rollout.num_generations,
+        policy,
+        [trainer.prompts["plain"][i] for i in local],
+        eos_token_id=trainer.tokenizer.eos_token_id,
+        pad_token_id=trainer.tokenizer.pad_token_id,
+        max_completion_length=rollout.max_completion_length,
+        num_generations=rollout.num_generations,
         row_seeds=rollout_seeds(trainer.config.seed, step, local, rollout.num_generations),
     )
     rows = local[rollouts.prompt_index].tolist()
-    prompts = {name: [trainer.prompts[kind][i] for i in rows] for name, kind in trainer.views.items() if name == "student" or name in trainer.models}
+    prompts = {
+        name: [trainer.prompts[kind][i] for i in rows]
+        for name, kind in trainer.views.items()
+        if name == "student" or name in trainer.models
+    }
     return rollouts, prompts
 
 
 def gradient_of_step(trainer: Trainer, rollouts, prompts, micro_batch_size: int):
     trainer.optimizer.zero_grad(set_to_none=True)
-    batches = make_micro_batches(rollouts.completion_ids, rollouts.completion_mask, prompts, micro_batch_size, trainer.tokenizer.pad_token_id)
+    batches = make_micro_batches(
+        rollouts.completion_ids,
+        rollouts.completion_mask,
+        prompts,
+        micro_batch_size,
+        trainer.tokenizer.pad_token_id,
+    )
     out = run_step(trainer.accelerator, trainer.objective, trainer.student, trainer.models, batches)
     return out.metrics, {n: p.grad.clone() for n, p in trainer.student.named_parameters()}
 
@@ -56,7 +70,13 @@ def gradient_of_step(trainer: Trainer, rollouts, prompts, micro_batch_size: int)
 @pytest.mark.parametrize("objective", ["dopd", "tip"])
 def test_step_is_identical_for_any_micro_batch_split(tmp_path, objective):
     # 2 prompts x 4 generations = 8 rollout rows, split as 1x8, 2x4 and 8x1.
-    config = tiny_config(tmp_path, f"objective.name={objective}", "objective.top_k=8", "rollout.prompts_per_step=2", "rollout.num_generations=4")
+    config = tiny_config(
+        tmp_path,
+        f"objective.name={objective}",
+        "objective.top_k=8",
+        "rollout.prompts_per_step=2",
+        "rollout.num_generations=4",
+    )
     trainer = Trainer(config)
     rollouts, prompts = step_rollouts(trainer)
     reference_metrics, reference_grads = gradient_of_step(trainer, rollouts, prompts, 8)
@@ -64,9 +84,12 @@ def test_step_is_identical_for_any_micro_batch_split(tmp_path, objective):
         metrics, grads = gradient_of_step(trainer, rollouts, prompts, micro_batch_size)
         for key in [k for k in reference_metrics if k.startswith(("threshold/", "fraction/"))]:
             assert metrics[key] == reference_metrics[key], key
-        assert metrics["loss"] == pytest.approx(reference_metrics["loss"], rel=1e-6)
+        # The same float32 sums in another split agree to rounding.
+        assert_close(
+            metrics["loss"], reference_metrics["loss"], ulps=REORDERED, dtype=torch.float32
+        )
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-7)
+            assert_close(grad, reference_grads[name], ulps=REORDERED, msg=name)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -75,11 +98,20 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _metric_lines(path: Path) -> list[dict]:
     drop = ("time/", "tokens_per_second")
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(drop)} for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith(drop)}
+        for line in (path / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
-    overrides = ("optim.max_steps=4", "loop.save_every=2", "rollout.prompts_per_step=4", "rollout.num_generations=2")
+    overrides = (
+        "optim.max_steps=4",
+        "loop.save_every=2",
+        "rollout.prompts_per_step=4",
+        "rollout.num_generations=2",
+    )
     Trainer(tiny_config(tmp_path / "full", *overrides)).train()
     Trainer(tiny_config(tmp_path / "split", *overrides)).train(stop_after=2)
     assert not (tmp_path / "split" / "model").exists()
@@ -91,7 +123,14 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
 
 
 def test_training_reduces_the_objective_on_fixed_rollouts(tmp_path):
-    config = tiny_config(tmp_path, "objective.top_k=8", "optim.lr=3e-3", "optim.warmup_steps=0", "optim.max_steps=30", "rollout.prompts_per_step=4")
+    config = tiny_config(
+        tmp_path,
+        "objective.top_k=8",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=0",
+        "optim.max_steps=30",
+        "rollout.prompts_per_step=4",
+    )
     trainer = Trainer(config)
     rollouts, prompts = step_rollouts(trainer)
     before, _ = gradient_of_step(trainer, rollouts, prompts, 8)
@@ -103,15 +142,22 @@ def test_training_reduces_the_objective_on_fixed_rollouts(tmp_path):
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_objective_trains_two_steps(tmp_path, name):
     config = tiny_config(
-        tmp_path, f"objective.name={name}", "optim.max_steps=2", "optim.warmup_steps=0",
-        "rollout.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_completion_length=6",
+        tmp_path,
+        f"objective.name={name}",
+        "optim.max_steps=2",
+        "optim.warmup_steps=0",
+        "rollout.prompts_per_step=2",
+        "rollout.num_generations=2",
+        "rollout.max_completion_length=6",
     )
     trainer = Trainer(config)
     before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
     trainer.train()
     records = _metric_lines(tmp_path)
     assert len(records) == 2
-    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["skipped_step"] == 0.0 for r in records)
+    assert all(
+        torch.isfinite(torch.tensor(r["loss"])) and r["skipped_step"] == 0.0 for r in records
+    )
     for group in trainer.objective.group_names:
         assert f"fraction/{group}" in records[-1]
     assert any(not torch.equal(p, before[n]) for n, p in trainer.student.named_parameters())
@@ -124,20 +170,46 @@ def _free_port() -> int:
 
 
 def _cli_run(output_dir: Path, processes: int) -> None:
-    overrides = [f"output_dir={output_dir}", f"data.train={DATA}", "data.eval=null", "loop.eval_every=0", "optim.max_steps=2"]
+    overrides = [
+        f"output_dir={output_dir}",
+        f"data.train={DATA}",
+        "data.eval=null",
+        "loop.eval_every=0",
+        "optim.max_steps=2",
+    ]
     command = [sys.executable, "-m", "dopd.cli", "train", "--config", TINY]
     if processes > 1:
-        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", str(_free_port()), "-m", "dopd.cli", "train", "--config", TINY]
+        launcher = [
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "dopd.cli",
+            "train",
+            "--config",
+            TINY,
+        ]
         command = [sys.executable, *launcher]
     for item in overrides:
         command += ["--set", item]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     _cli_run(tmp_path / "one", 1)
     _cli_run(tmp_path / "two", 2)
@@ -146,7 +218,10 @@ def test_two_processes_equal_one_process(tmp_path):
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
         for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
-    weights_one, weights_two = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
+            assert_close(b[key], a[key], ulps=REORDERED, dtype=torch.float32, msg=key)
+    weights_one, weights_two = (
+        _weights(tmp_path / "one" / "model"),
+        _weights(tmp_path / "two" / "model"),
+    )
     for key in weights_one:
-        torch.testing.assert_close(weights_two[key], weights_one[key], rtol=1e-5, atol=1e-6)
+        assert_close(weights_two[key], weights_one[key], ulps=REORDERED, msg=key)

@@ -1,4 +1,5 @@
-"""dopd: Dual On-policy Distillation (arXiv 2606.30626) and its baselines for Hugging Face causal LMs."""
+"""dopd: Dual On-policy Distillation (arXiv 2606.30626) and its baselines for Hugging Face
+causal LMs."""
 
 from dopd.objectives.dopd import DOPD, DOPDConfig, DOPDOutput, dopd_loss
 from dopd.objectives.statistics import (

@@ -92,7 +92,9 @@ def build_view_inputs(
     return ViewInputs(input_ids, attention_mask, position_ids, completion_ids.shape[1])
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def left_pad(
+    sequences: list[list[int]], pad_token_id: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """``[B, L]`` long ids and attention mask of ``sequences`` padded on the left to one length."""
     width = max(len(ids) for ids in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # [B, L]
@@ -143,7 +145,9 @@ def check_aligned(*masks: Tensor) -> None:
             )
 
 
-def completion_logits(model: torch.nn.Module, inputs: ViewInputs, vocab_size: int | None = None) -> Tensor:
+def completion_logits(
+    model: torch.nn.Module, inputs: ViewInputs, vocab_size: int | None = None
+) -> Tensor:
     """Logits scoring each completion token: position ``t`` is the distribution of token ``t``.
 
     These are the model's outputs at sequence positions ``P - 1 .. P + T - 2`` (the token before
@@ -183,7 +187,8 @@ def vocabulary_slice(size: int, vocab_size: int | None) -> slice | None:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size < size:
         raise DOPDError(
             f"vocab_size={vocab_size!r} cannot cut an output head of {size} rows; pass the common "
-            "vocabulary of the run's heads (dopd.models.common_vocabulary), at most each head's size"
+            "vocabulary of the run's heads (dopd.models.common_vocabulary), "
+            "at most each head's size"
         )
     return slice(0, vocab_size)
 
@@ -277,7 +282,9 @@ def output_head_problem(model: torch.nn.Module) -> str | None:
     return None
 
 
-def completion_hidden_states(model: torch.nn.Module, inputs: ViewInputs, vocab_size: int | None = None) -> HeadInputs:
+def completion_hidden_states(
+    model: torch.nn.Module, inputs: ViewInputs, vocab_size: int | None = None
+) -> HeadInputs:
     """What the output head receives at each completion position, without ``[B, T, V]`` logits.
 
     The forward runs through ``model`` itself, so a DDP wrapper still registers the backward and
@@ -325,7 +332,9 @@ def completion_hidden_states(model: torch.nn.Module, inputs: ViewInputs, vocab_s
     # Cut after the check above, which compares the model's whole last-position logits.
     weight = captured[0].weight  # [V_model, H]
     keep = vocabulary_slice(weight.shape[0], vocab_size)
-    return HeadInputs(hidden, weight if keep is None else weight[keep], captured[0].dtype)  # weight [V, H]
+    return HeadInputs(
+        hidden, weight if keep is None else weight[keep], captured[0].dtype
+    )  # weight [V, H]
 
 
 def _head_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -344,7 +353,9 @@ def _check_projection(name: str, logits: Tensor, head: HeadInputs) -> None:
     if expected.numel() == 0:
         return
     # One device sync for both numbers.
-    error, largest = torch.stack([(logits.float() - expected).abs().max(), expected.abs().max()]).tolist()
+    error, largest = torch.stack(
+        [(logits.float() - expected).abs().max(), expected.abs().max()]
+    ).tolist()
     # Rounding of another matmul kernel, relative to the largest logit; a rescaled or soft-capped
     # head is off by far more. NaN passes: a non-finite forward must reach the loss, where the
     # trainer skips the step and diagnoses it.

@@ -68,8 +68,9 @@ def write_text_atomically(target: Path, text: str) -> None:
 def publishing(target: Path, temp: Path | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it is synced and renamed to ``target``.
 
-    Every file and folder under it is fsynced here, before the rename. An existing ``target`` is moved aside first and removed
-    after (``os.rename`` cannot replace a non-empty folder); in between, readers see no
+    Every file and folder under it is fsynced here, before the rename. An existing ``target``
+    is moved aside first and removed after (``os.rename`` cannot replace a non-empty folder);
+    in between, readers see no
     ``target`` at all, never a mixed one. On any error the temporary folder is removed.
     """
     temp = temp or temp_path(target)

@@ -40,16 +40,25 @@ def _eval(args: argparse.Namespace) -> None:
     from dopd.models import load_pretrained
 
     if not os.path.isdir(args.model):
-        raise DOPDError(f"--model {args.model!r} is not a directory; pass a saved model folder such as runs/x/model")
+        raise DOPDError(
+            f"--model {args.model!r} is not a directory; "
+            "pass a saved model folder such as runs/x/model"
+        )
     tokenizer = load_pretrained(AutoTokenizer, "--model", args.model)
     model = load_pretrained(AutoModelForCausalLM, "--model", args.model)
     examples = load_examples(args.data)[: args.max_examples]
     prompt_ids, _ = tokenize_views(examples, tokenizer)
     result = evaluate(
-        model, tokenizer, prompt_ids, [e.answer or "" for e in examples],
-        verifier=load_verifier(args.verifier), max_new_tokens=args.max_new_tokens,
+        model,
+        tokenizer,
+        prompt_ids,
+        [e.answer or "" for e in examples],
+        verifier=load_verifier(args.verifier),
+        max_new_tokens=args.max_new_tokens,
     )
-    print(json.dumps({"accuracy": result.accuracy, "correct": result.correct, "total": result.total}))
+    print(
+        json.dumps({"accuracy": result.accuracy, "correct": result.correct, "total": result.total})
+    )
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -61,7 +70,13 @@ def _demo(args: argparse.Namespace) -> None:
 def _lab(args: argparse.Namespace) -> None:
     from dopd.lab.commands import lab
 
-    lab(args.output or f"runs/lab-{args.suite}", args.suite, args.seeds, args.task, tune=not args.no_tune)
+    lab(
+        args.output or f"runs/lab-{args.suite}",
+        args.suite,
+        args.seeds,
+        args.task,
+        tune=not args.no_tune,
+    )
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -94,47 +109,93 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dopd", description="Dual On-policy Distillation and its baselines")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks instead of one-line errors"
+    )
     # --debug also after the command; SUPPRESS keeps a subcommand from resetting the global flag.
     debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     add_command = functools.partial(commands.add_parser, parents=[debug])
 
     train = add_command("train", help="train a student with on-policy distillation")
     train.add_argument("--config", required=True, help="YAML config file")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted), repeatable")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted), repeatable",
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
+    )
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
-    train.add_argument("--stop-after", type=_positive_int, default=None, metavar="N", help="stop after N steps (the schedule keeps optim.max_steps)")
+    train.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N steps (the schedule keeps optim.max_steps)",
+    )
     train.set_defaults(run=_train)
 
-    evaluation = add_command("eval", help="held-out accuracy of a saved model without privileged context")
-    evaluation.add_argument("--model", required=True, help="a saved model folder (e.g. output_dir/model)")
-    evaluation.add_argument("--data", required=True, help="examples with answers (.jsonl/.json/.parquet or a datasets name)")
-    evaluation.add_argument("--verifier", default="exact", help="exact, numeric, or path/to/file.py:function")
+    evaluation = add_command(
+        "eval", help="held-out accuracy of a saved model without privileged context"
+    )
+    evaluation.add_argument(
+        "--model", required=True, help="a saved model folder (e.g. output_dir/model)"
+    )
+    evaluation.add_argument(
+        "--data",
+        required=True,
+        help="examples with answers (.jsonl/.json/.parquet or a datasets name)",
+    )
+    evaluation.add_argument(
+        "--verifier", default="exact", help="exact, numeric, or path/to/file.py:function"
+    )
     evaluation.add_argument("--max-new-tokens", type=_positive_int, default=64)
     evaluation.add_argument("--max-examples", type=_positive_int, default=None)
     evaluation.set_defaults(run=_eval)
 
     demo = add_command("demo", help="the privilege lab in minutes: 4 methods on tiny models, CPU")
-    demo.add_argument("--output", default="runs/demo", help="folder for results.json, report.md, plots, tokens.html")
-    demo.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per method (default 60)")
+    demo.add_argument(
+        "--output",
+        default="runs/demo",
+        help="folder for results.json, report.md, plots, tokens.html",
+    )
+    demo.add_argument(
+        "--steps", type=_positive_int, default=None, help="optimizer steps per method (default 60)"
+    )
     demo.set_defaults(run=_demo)
 
     from dopd.lab.methods import SUITES
 
-    lab = add_command("lab", help="the full lab benchmark: a suite of methods over seeds, with lr tuning")
-    lab.add_argument("--suite", default="main", choices=sorted(SUITES), help="which methods (default: main)")
+    lab = add_command(
+        "lab", help="the full lab benchmark: a suite of methods over seeds, with lr tuning"
+    )
+    lab.add_argument(
+        "--suite", default="main", choices=sorted(SUITES), help="which methods (default: main)"
+    )
     lab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    lab.add_argument("--task", default="arithmetic", help="a built-in task or path/to/file.py:ClassName")
-    lab.add_argument("--no-tune", action="store_true", help="skip learning-rate tuning (use the demo's rate)")
+    lab.add_argument(
+        "--task", default="arithmetic", help="a built-in task or path/to/file.py:ClassName"
+    )
+    lab.add_argument(
+        "--no-tune", action="store_true", help="skip learning-rate tuning (use the demo's rate)"
+    )
     lab.add_argument("--output", default=None, help="output folder (default runs/lab-SUITE)")
     lab.set_defaults(run=_lab)
 
     pretrain = add_command("pretrain", help="pretrain the lab's tiny teacher and student on a task")
-    pretrain.add_argument("--task", default="arithmetic", help="a built-in task or path/to/file.py:ClassName")
-    pretrain.add_argument("--output", required=True, help="folder for teacher/, student/ and pretrain.json")
+    pretrain.add_argument(
+        "--task", default="arithmetic", help="a built-in task or path/to/file.py:ClassName"
+    )
+    pretrain.add_argument(
+        "--output", required=True, help="folder for teacher/, student/ and pretrain.json"
+    )
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(run=_pretrain)
 

@@ -7,7 +7,8 @@ config. Each field's help text lives in its ``metadata["help"]``; ``config_help(
 
 Loading touches neither the network nor any file but the config itself: model, data and tokenizer
 paths are only checked to be non-empty strings here, so configs for models this machine cannot
-hold still validate (``dopd.models.check_sources`` checks the sources when ``dopd train`` starts). Errors are ``ConfigError``s naming the dotted key, the value and the fix.
+hold still validate (``dopd.models.check_sources`` checks the sources when ``dopd train``
+starts). Errors are ``ConfigError``s naming the dotted key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -285,7 +286,10 @@ class OptimConfig:
     )
     max_consecutive_skips: int = field(
         default=5,
-        metadata=doc("stop with a diagnosis after this many optimizer steps in a row skipped for a non-finite loss or gradient"),
+        metadata=doc(
+            "stop with a diagnosis after this many optimizer steps in a row "
+            "skipped for a non-finite loss or gradient"
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -315,7 +319,12 @@ class LoopConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=doc("recompute student activations in backward")
     )
-    log_every: int = field(default=1, metadata=doc("optimizer steps between metrics.jsonl records (evaluated steps are always recorded)"))
+    log_every: int = field(
+        default=1,
+        metadata=doc(
+            "optimizer steps between metrics.jsonl records (evaluated steps are always recorded)"
+        ),
+    )
     save_every: int = field(
         default=50, metadata=doc("optimizer steps between checkpoints; 0 = only the last")
     )
@@ -324,10 +333,16 @@ class LoopConfig:
     )
     loss_path: str = field(
         default="auto",
-        metadata=doc("auto: chunked hidden-state loss when the model's head allows it, else reference; chunked or reference to force one"),
+        metadata=doc(
+            "auto: chunked hidden-state loss when the model's head allows it, else reference; "
+            "chunked or reference to force one"
+        ),
     )
     loss_chunk_rows: int = field(
-        default=1024, metadata=doc("token rows per vocabulary projection on the chunked loss path (memory, not maths)")
+        default=1024,
+        metadata=doc(
+            "token rows per vocabulary projection on the chunked loss path (memory, not maths)"
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -347,7 +362,9 @@ class EvalConfig:
     max_examples: int = field(
         default=64, metadata=doc("evaluate on at most this many examples of data.eval")
     )
-    verifier: str = field(default="exact", metadata=doc("answer check: exact, numeric, or path/to/file.py:function"))
+    verifier: str = field(
+        default="exact", metadata=doc("answer check: exact, numeric, or path/to/file.py:function")
+    )
     max_new_tokens: int = field(default=64, metadata=doc("most new tokens per greedy answer"))
 
     def __post_init__(self) -> None:

@@ -52,7 +52,9 @@ def load_examples(source: str) -> list[Example]:
     suffix = Path(source).suffix.lower()
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
     if suffix not in readers and Path(source).is_file():
-        raise DataError(f"{source}: unsupported file type {suffix or '(none)'!r}; fix: give a {READERS_HELP}")
+        raise DataError(
+            f"{source}: unsupported file type {suffix or '(none)'!r}; fix: give a {READERS_HELP}"
+        )
     rows = readers.get(suffix, _read_dataset)(source)
     if not rows:
         raise DataError(f"{source}: no examples found; fix: add at least one row ({ROW_FIX})")
@@ -138,7 +140,9 @@ def _read_text(path: str) -> str:
     try:
         raw = _require_file(path).read_bytes()
     except OSError as error:  # e.g. no read permission
-        raise DataError(f"{path}: cannot read ({error.strerror or error}); fix: check its permissions") from None
+        raise DataError(
+            f"{path}: cannot read ({error.strerror or error}); fix: check its permissions"
+        ) from None
     try:
         # utf-8-sig: a byte-order mark (editors on Windows write one) is not part of the JSON.
         return raw.decode("utf-8-sig")
@@ -262,7 +266,13 @@ def check_privileged_template(template: str) -> None:
         )
     for _, name, spec, conversion in parsed:
         if spec or conversion:
-            written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            written = (
+                "{"
+                + name
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
             raise ConfigError(
                 f"privileged_template={quote(template)} writes {quote(written)}; "
                 f"write plain {{{name}}} (no conversion or format spec)"

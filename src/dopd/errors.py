@@ -46,7 +46,9 @@ def require_range(
     if too_low or too_high:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
-        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        interval = (
+            f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        )
         raise ConfigError(f"{key}={value!r} is out of range; it must lie in {interval}")
 
 

@@ -54,7 +54,9 @@ def load_verifier(name: str) -> Callable[[str, str], bool]:
         return VERIFIERS[name]
     path, _, attribute = name.partition(":")
     if not path.endswith(".py") or not attribute:
-        raise ConfigError(f"eval.verifier={name!r} is neither {sorted(VERIFIERS)} nor 'path/to/file.py:function'")
+        raise ConfigError(
+            f"eval.verifier={name!r} is neither {sorted(VERIFIERS)} nor 'path/to/file.py:function'"
+        )
     if not os.path.isfile(path):
         raise ConfigError(f"eval.verifier={name!r}: no file {path!r}; check the path")
     spec = importlib.util.spec_from_file_location("dopd_user_verifier", path)
@@ -81,18 +83,29 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, prompt_ids: list[list[int]], answers: list[str], *, verifier, max_new_tokens: int, batch_size: int = 16) -> EvalResult:
+def evaluate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    answers: list[str],
+    *,
+    verifier,
+    max_new_tokens: int,
+    batch_size: int = 16,
+) -> EvalResult:
     """Greedy completions of ``prompt_ids`` scored against ``answers`` by ``verifier``."""
     was_training = model.training
     model.eval()
     result = EvalResult(0, 0)
     for start in range(0, len(prompt_ids), batch_size):
         rollouts = generate_rollouts(
-            model, prompt_ids[start:start + batch_size],
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            model,
+            prompt_ids[start : start + batch_size],
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
             max_completion_length=max_new_tokens,
         )
-        for row, answer in zip(rollouts.completion_ids, answers[start:start + batch_size]):
+        for row, answer in zip(rollouts.completion_ids, answers[start : start + batch_size]):
             text = tokenizer.decode(row, skip_special_tokens=True)
             correct = bool(verifier(text, answer))
             result.correct += correct

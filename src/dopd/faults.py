@@ -16,7 +16,12 @@ VIEW_ORDER = ("student", *CONSTANT_VIEWS)
 
 @torch.no_grad()
 def locate_nonfinite(
-    student: torch.nn.Module, models: dict[str, torch.nn.Module], batches: list[MicroBatch], objective_name: str, *, vocab_size: int | None = None
+    student: torch.nn.Module,
+    models: dict[str, torch.nn.Module],
+    batches: list[MicroBatch],
+    objective_name: str,
+    *,
+    vocab_size: int | None = None,
 ) -> str:
     """One line naming where a step's non-finite loss or gradient came from.
 
@@ -36,12 +41,18 @@ def locate_nonfinite(
             logits = completion_logits(model, batch.inputs[name], vocab_size)  # [b, T, V]
             # -inf is a legitimate zero probability unless the whole row is -inf; padding
             # positions never reach the loss, so only valid completion tokens count.
-            broken = logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1)  # [b, T]
+            broken = (
+                logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1)
+            )  # [b, T]
             bad = broken & batch.completion_mask.bool()
             if bad.any():
                 row, position = bad.nonzero()[0].tolist()
                 return (
-                    f"the {name} view's logits are non-finite on {int(bad.sum())} completion tokens "
+                    f"the {name} view's logits are non-finite on {int(bad.sum())} "
+                    "completion tokens "
                     f"(first: micro-batch {index}, row {row}, completion position {position})"
                 )
-    return f"every view's logits are finite, so objective {objective_name!r} produced the non-finite loss or gradient"
+    return (
+        f"every view's logits are finite, so objective {objective_name!r} "
+        "produced the non-finite loss or gradient"
+    )

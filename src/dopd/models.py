@@ -49,14 +49,26 @@ from dopd.config_loading import quote
 from dopd.errors import ConfigError
 from dopd.tiny import build_char_tokenizer, build_tiny_model
 
-_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 # What from_pretrained raises for a bad source (OSError: missing or offline; ValueError: broken
 # config, unknown architecture, remote code refused; ImportError: a missing tokenizer backend).
 LOAD_ERRORS = (OSError, ValueError, ImportError)
 # What Qwen3Config / the model constructor raise for bad tiny overrides: a wrong type (TypeError),
 # a value Qwen3Config's validators refuse (StrictDataclassError), zero heads (ZeroDivisionError),
 # a negative size (RuntimeError from torch).
-BUILD_ERRORS = (TypeError, ValueError, ArithmeticError, RuntimeError, KeyError, StrictDataclassError)
+BUILD_ERRORS = (
+    TypeError,
+    ValueError,
+    ArithmeticError,
+    RuntimeError,
+    KeyError,
+    StrictDataclassError,
+)
 # tiny keys dopd sets itself, and where from.
 RESERVED_TINY = {
     "bos_token_id": "the tokenizer",
@@ -143,7 +155,9 @@ def build_tiny(
             hint = f"did you mean {key}.{close[0]}?" if close else "see transformers.Qwen3Config"
             raise ConfigError(f"{key}.{name} is not a Qwen3Config key; {hint}")
     vocab_size = options.pop("vocab_size", len(tokenizer))
-    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
+    ids = {
+        f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")
+    }
     try:
         return build_tiny_model(vocab_size, seed=seed, **ids, **options)
     except BUILD_ERRORS as error:
@@ -172,7 +186,12 @@ def load_pretrained(loader: Any, key: str, path: str, **kwargs: Any) -> Any:
 
 def _looks_local(path: str) -> bool:
     """A filesystem path rather than a hub id (``org/name``): absolute, ``./``, ``~``, ``a/b/c``."""
-    return Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+    return (
+        Path(path).is_absolute()
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+        or "\\" in path
+    )
 
 
 def _why(local: Path) -> str:
@@ -213,7 +232,11 @@ def check_sources(config) -> PreTrainedTokenizerBase:
     the head sizes the configs declare.
     """
     tokenizer = load_tokenizer(config.tokenizer, config.student)
-    shared_path = None if config.tokenizer.characters else tokenizer_source(config.tokenizer, config.student)[1]
+    shared_path = (
+        None
+        if config.tokenizer.characters
+        else tokenizer_source(config.tokenizer, config.student)[1]
+    )
     sizes = {}
     for role, spec in used_models(config).items():
         if spec.tiny is not None:

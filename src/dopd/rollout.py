@@ -141,10 +141,15 @@ def generate_rollouts(
         pad_token_id=pad_token_id,
     )
     output = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        logits_processor=processors,
     )
-    completion_ids = output[:, input_ids.shape[1]:]  # [B, T]
+    completion_ids = output[:, input_ids.shape[1] :]  # [B, T]
     mask = completion_mask_after_eos(completion_ids, eos_token_id)
-    truncated = ~torch.isin(completion_ids, torch.as_tensor(eos_token_id, device=completion_ids.device)).any(-1)
+    truncated = ~torch.isin(
+        completion_ids, torch.as_tensor(eos_token_id, device=completion_ids.device)
+    ).any(-1)
     prompt_index = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_generations)
     return Rollouts(completion_ids.masked_fill(~mask, pad_token_id), mask, prompt_index, truncated)

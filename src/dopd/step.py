@@ -87,17 +87,26 @@ def make_micro_batches(
     for start in range(0, completion_ids.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
         ids, mask = completion_ids[rows], completion_mask[rows]
-        inputs = {name: build_view_inputs(prompts[rows], ids, mask, pad_token_id) for name, prompts in view_prompts.items()}
+        inputs = {
+            name: build_view_inputs(prompts[rows], ids, mask, pad_token_id)
+            for name, prompts in view_prompts.items()
+        }
         check_aligned(*(view.completion_mask for view in inputs.values()))
         batches.append(MicroBatch(ids, mask, inputs))
     return batches
 
 
 @torch.no_grad()
-def score_constant_views(models: dict[str, torch.nn.Module], batch: MicroBatch, vocab_size: int | None = None) -> dict[str, Tensor]:
+def score_constant_views(
+    models: dict[str, torch.nn.Module], batch: MicroBatch, vocab_size: int | None = None
+) -> dict[str, Tensor]:
     """No-grad completion logits ``[b, T, V]`` of every constant view that has a model, cut to
     ``vocab_size`` columns when given (``completion_logits``)."""
-    return {name: completion_logits(models[name], batch.inputs[name], vocab_size) for name in CONSTANT_VIEWS if name in models}
+    return {
+        name: completion_logits(models[name], batch.inputs[name], vocab_size)
+        for name in CONSTANT_VIEWS
+        if name in models
+    }
 
 
 @dataclass
@@ -114,7 +123,12 @@ class StepOutput:
     path: str = "reference"
 
 
-def choose_path(accelerator: Accelerator, student: torch.nn.Module, models: dict[str, torch.nn.Module], path: str = "auto") -> str:
+def choose_path(
+    accelerator: Accelerator,
+    student: torch.nn.Module,
+    models: dict[str, torch.nn.Module],
+    path: str = "auto",
+) -> str:
     """``"chunked"`` or ``"reference"``: the loss path a step takes for ``path``.
 
     ``auto`` takes the chunked path when it computes exactly what the reference does, else the
@@ -127,11 +141,16 @@ def choose_path(accelerator: Accelerator, student: torch.nn.Module, models: dict
     if problem is None:
         return "chunked"
     if path == "chunked":
-        raise DOPDError(f"path='chunked' cannot run: {problem}; use path='reference' or 'auto' (which falls back)")
+        raise DOPDError(
+            f"path='chunked' cannot run: {problem}; "
+            "use path='reference' or 'auto' (which falls back)"
+        )
     return "reference"
 
 
-def _chunked_problem(accelerator: Accelerator, student: torch.nn.Module, models: dict[str, torch.nn.Module]) -> str | None:
+def _chunked_problem(
+    accelerator: Accelerator, student: torch.nn.Module, models: dict[str, torch.nn.Module]
+) -> str | None:
     # Sharded parameters: the head weight is not whole outside the forward.
     if accelerator.distributed_type in SHARDED:
         return f"distributed_type={accelerator.distributed_type} shards the parameters"
@@ -167,15 +186,30 @@ def run_step(
     """
     require_int("chunk_rows", chunk_rows, low=1)
     chosen = choose_path(accelerator, student, models, path)
-    views = (_ChunkedViews if chosen == "chunked" else _ReferenceViews)(objective, student, models, chunk_rows, vocab_size)
+    views = (_ChunkedViews if chosen == "chunked" else _ReferenceViews)(
+        objective, student, models, chunk_rows, vocab_size
+    )
     start = time.perf_counter()
     scores = [views.score(batch) for batch in batches]
-    statistics = [views.statistics(batch, score) for batch, score in zip(batches, scores)] if objective.statistics_views else []
+    statistics = (
+        [views.statistics(batch, score) for batch, score in zip(batches, scores)]
+        if objective.statistics_views
+        else []
+    )
     scored = time.perf_counter()
-    merged = {key: gather_rows(accelerator, value) for key, value in merge_statistics(statistics).items()} if statistics else {}
+    merged = (
+        {
+            key: gather_rows(accelerator, value)
+            for key, value in merge_statistics(statistics).items()
+        }
+        if statistics
+        else {}
+    )
     thresholds = objective.thresholds(merged)
     reduction = objective.config.reduction
-    denominator = sum_across(accelerator, sum(loss_denominator(b.completion_mask, reduction) for b in batches))
+    denominator = sum_across(
+        accelerator, sum(loss_denominator(b.completion_mask, reduction) for b in batches)
+    )
 
     totals = _Totals(len(objective.group_names), accelerator.device)
     for index, (batch, score) in enumerate(zip(batches, scores)):
@@ -187,8 +221,12 @@ def run_step(
             accelerator.backward(out.loss * accelerator.num_processes)
         totals.add(out)
     metrics = totals.reduce(accelerator, objective)
-    metrics.update({"time/scoring": scored - start, "time/forward_backward": time.perf_counter() - scored})
-    metrics.update({k: float(v) for k, v in objective.metrics(merged, thresholds).items()} if merged else {})
+    metrics.update(
+        {"time/scoring": scored - start, "time/forward_backward": time.perf_counter() - scored}
+    )
+    metrics.update(
+        {k: float(v) for k, v in objective.metrics(merged, thresholds).items()} if merged else {}
+    )
     return StepOutput(torch.tensor(metrics["loss"]), metrics, chosen)
 
 
@@ -206,36 +244,79 @@ class _BatchLoss:
 class _ReferenceViews:
     """Every view as ``[b, T, V]`` logits, the loss by ``objective_loss``."""
 
-    def __init__(self, objective: Objective, student: torch.nn.Module, models: dict[str, torch.nn.Module], chunk_rows: int, vocab_size: int | None):
-        self.objective, self.student, self.models, self.vocab_size = objective, student, models, vocab_size
+    def __init__(
+        self,
+        objective: Objective,
+        student: torch.nn.Module,
+        models: dict[str, torch.nn.Module],
+        chunk_rows: int,
+        vocab_size: int | None,
+    ):
+        self.objective, self.student, self.models, self.vocab_size = (
+            objective,
+            student,
+            models,
+            vocab_size,
+        )
 
     def score(self, batch: MicroBatch) -> dict[str, Tensor]:
         return score_constant_views(self.models, batch, self.vocab_size)
 
     def statistics(self, batch: MicroBatch, logits: dict[str, Tensor]) -> dict[str, Tensor]:
-        views = {name: logits[name] for name in self.objective.statistics_views if name != "student"}
+        views = {
+            name: logits[name] for name in self.objective.statistics_views if name != "student"
+        }
         if "student" in self.objective.statistics_views:
             with torch.no_grad():
-                views["student"] = completion_logits(self.student, batch.inputs["student"], self.vocab_size)
-        token_views = TokenViews.from_batch(views, batch.completion_ids, batch.completion_mask.bool(), self.objective.config.temperature)
+                views["student"] = completion_logits(
+                    self.student, batch.inputs["student"], self.vocab_size
+                )
+        token_views = TokenViews.from_batch(
+            views,
+            batch.completion_ids,
+            batch.completion_mask.bool(),
+            self.objective.config.temperature,
+        )
         return self.objective.statistics(token_views)
 
-    def loss(self, batch: MicroBatch, logits: dict[str, Tensor], thresholds: Any, denominator: Tensor) -> _BatchLoss:
-        student_logits = completion_logits(self.student, batch.inputs["student"], self.vocab_size)  # [b, T, V]
+    def loss(
+        self, batch: MicroBatch, logits: dict[str, Tensor], thresholds: Any, denominator: Tensor
+    ) -> _BatchLoss:
+        student_logits = completion_logits(
+            self.student, batch.inputs["student"], self.vocab_size
+        )  # [b, T, V]
         out = objective_loss(
-            self.objective, student_logits, logits.get("priv_student"), logits.get("teacher"),
-            batch.completion_ids, batch.completion_mask, reference_logits=logits.get("reference"),
-            thresholds=thresholds, denominator=denominator,
+            self.objective,
+            student_logits,
+            logits.get("priv_student"),
+            logits.get("teacher"),
+            batch.completion_ids,
+            batch.completion_mask,
+            reference_logits=logits.get("reference"),
+            thresholds=thresholds,
+            denominator=denominator,
         )
         mask = batch.completion_mask.bool()
-        return _BatchLoss(out.loss, out.groups[mask], out.per_token_loss[mask], logits_entropy(student_logits[mask]))
+        return _BatchLoss(
+            out.loss,
+            out.groups[mask],
+            out.per_token_loss[mask],
+            logits_entropy(student_logits[mask]),
+        )
 
 
 class _ChunkedViews:
     """Every view as final hidden states ``[N, H]`` at the valid tokens plus its head weight; the
     statistics and the loss project them ``chunk_rows`` rows at a time."""
 
-    def __init__(self, objective: Objective, student: torch.nn.Module, models: dict[str, torch.nn.Module], chunk_rows: int, vocab_size: int | None):
+    def __init__(
+        self,
+        objective: Objective,
+        student: torch.nn.Module,
+        models: dict[str, torch.nn.Module],
+        chunk_rows: int,
+        vocab_size: int | None,
+    ):
         self.objective, self.student, self.models = objective, student, models
         self.chunk_rows, self.vocab_size = chunk_rows, vocab_size
 
@@ -243,7 +324,9 @@ class _ChunkedViews:
     def score(self, batch: MicroBatch) -> dict[str, HeadInputs]:
         mask = batch.completion_mask.bool()
         return {
-            name: completion_hidden_states(self.models[name], batch.inputs[name], self.vocab_size).select(mask)  # [N, H]
+            name: completion_hidden_states(
+                self.models[name], batch.inputs[name], self.vocab_size
+            ).select(mask)  # [N, H]
             for name in CONSTANT_VIEWS
             if name in self.models
         }
@@ -252,19 +335,38 @@ class _ChunkedViews:
         mask = batch.completion_mask.bool()
         if "student" in self.objective.statistics_views:
             with torch.no_grad():
-                heads = {**heads, "student": completion_hidden_states(self.student, batch.inputs["student"], self.vocab_size).select(mask)}
+                heads = {
+                    **heads,
+                    "student": completion_hidden_states(
+                        self.student, batch.inputs["student"], self.vocab_size
+                    ).select(mask),
+                }
         return chunked_statistics(
-            self.objective, token_ids=batch.completion_ids[mask], chunk_size=self.chunk_rows, **_view_arguments(heads)
+            self.objective,
+            token_ids=batch.completion_ids[mask],
+            chunk_size=self.chunk_rows,
+            **_view_arguments(heads),
         )
 
-    def loss(self, batch: MicroBatch, heads: dict[str, HeadInputs], thresholds: Any, denominator: Tensor) -> _BatchLoss:
+    def loss(
+        self, batch: MicroBatch, heads: dict[str, HeadInputs], thresholds: Any, denominator: Tensor
+    ) -> _BatchLoss:
         mask = batch.completion_mask.bool()
         # Through the (possibly DDP-wrapped) student, so that its backward syncs gradients.
-        student = completion_hidden_states(self.student, batch.inputs["student"], self.vocab_size).select(mask)  # [N, H]
-        weights = row_weights(mask, self.objective.config.reduction, denominator, dtype=compute_dtype(student.dtype))  # [N]
+        student = completion_hidden_states(
+            self.student, batch.inputs["student"], self.vocab_size
+        ).select(mask)  # [N, H]
+        weights = row_weights(
+            mask, self.objective.config.reduction, denominator, dtype=compute_dtype(student.dtype)
+        )  # [N]
         out = chunked_objective_loss(
-            self.objective, token_ids=batch.completion_ids[mask], row_weights=weights, thresholds=thresholds,
-            chunk_size=self.chunk_rows, student_entropy=True, **_view_arguments({**heads, "student": student}),
+            self.objective,
+            token_ids=batch.completion_ids[mask],
+            row_weights=weights,
+            thresholds=thresholds,
+            chunk_size=self.chunk_rows,
+            student_entropy=True,
+            **_view_arguments({**heads, "student": student}),
         )
         return _BatchLoss(out.loss, out.groups, out.per_token_loss, out.student_entropy)
 
@@ -289,7 +391,9 @@ class _Totals:
     def add(self, out: _BatchLoss) -> None:
         g, groups = self.num_groups, out.groups
         self.values[:g] += torch.bincount(groups, minlength=g)[:g].double()
-        self.values[g:2 * g] += torch.zeros(g, dtype=torch.float64, device=groups.device).index_add(0, groups, out.per_token.double())
+        self.values[g : 2 * g] += torch.zeros(
+            g, dtype=torch.float64, device=groups.device
+        ).index_add(0, groups, out.per_token.double())
         self.values[2 * g] += out.loss.detach().double()
         self.values[2 * g + 1] += out.entropy.double().sum()
         self.values[2 * g + 2] += groups.numel()
@@ -297,7 +401,11 @@ class _Totals:
     def reduce(self, accelerator: Accelerator, objective: Objective) -> dict[str, float]:
         values = sum_across(accelerator, self.values).tolist()
         g, tokens = self.num_groups, max(values[2 * self.num_groups + 2], 1.0)
-        metrics = {"loss": values[2 * g], "student_entropy": values[2 * g + 1] / tokens, "completion_tokens": values[2 * g + 2]}
+        metrics = {
+            "loss": values[2 * g],
+            "student_entropy": values[2 * g + 1] / tokens,
+            "completion_tokens": values[2 * g + 2],
+        }
         for index, name in enumerate(objective.group_names):
             count = values[index]
             metrics[f"fraction/{name}"] = count / tokens

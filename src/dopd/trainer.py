@@ -52,7 +52,12 @@ class PromptSampler:
         """``[prompts_per_step]`` long dataset indices of step ``step``."""
         positions = step * self.prompts_per_step + torch.arange(self.prompts_per_step)
         epochs, offsets = positions // self.num_prompts, positions % self.num_prompts
-        orders = {int(e): torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(self.seed * 7919 + int(e))) for e in epochs.unique()}
+        orders = {
+            int(e): torch.randperm(
+                self.num_prompts, generator=torch.Generator().manual_seed(self.seed * 7919 + int(e))
+            )
+            for e in epochs.unique()
+        }
         return torch.stack([orders[int(e)][o] for e, o in zip(epochs, offsets)])
 
 
@@ -72,12 +77,16 @@ class EMA(torch.nn.Module):
 class Trainer:
     """Builds everything a run needs from a ``TrainConfig`` and trains it."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, verifier=None):
+    def __init__(
+        self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, verifier=None
+    ):
         """``verifier`` (``(completion, answer) -> bool``) replaces ``eval.verifier`` when given."""
         self.config = config
         self.output_dir = Path(config.output_dir)
         # The schedule counts optimizer steps, not per-process batches: step it once per step.
-        self.accelerator = Accelerator(mixed_precision=config.loop.mixed_precision, step_scheduler_with_optimizer=False)
+        self.accelerator = Accelerator(
+            mixed_precision=config.loop.mixed_precision, step_scheduler_with_optimizer=False
+        )
         _check_output_dir(self.accelerator, self.output_dir, resume, overwrite)
         set_seed(config.seed)
         self.spec, self.objective = config.objective.spec, config.objective.build()
@@ -108,27 +117,49 @@ class Trainer:
         data = self.config.data
         self.prompts = self._tokenized(load_examples(data.train), "data.train")
         if len(self.prompts["plain"]) == 0:
-            raise DOPDError(f"data.train={data.train!r}: every prompt is longer than data.max_prompt_length={data.max_prompt_length}; "
-                            "fix: raise data.max_prompt_length or shorten the prompts")
-        self.eval_prompts = self._tokenized(load_examples(data.eval), "data.eval") if data.eval else None
+            raise DOPDError(
+                f"data.train={data.train!r}: every prompt is longer than "
+                f"data.max_prompt_length={data.max_prompt_length}; "
+                "fix: raise data.max_prompt_length or shorten the prompts"
+            )
+        self.eval_prompts = (
+            self._tokenized(load_examples(data.eval), "data.eval") if data.eval else None
+        )
         world, per_step = self.accelerator.num_processes, self.config.rollout.prompts_per_step
         if per_step % world:
-            raise ConfigError(f"rollout.prompts_per_step={per_step} must be divisible by the number of processes ({world})")
+            raise ConfigError(
+                f"rollout.prompts_per_step={per_step} must be divisible by "
+                f"the number of processes ({world})"
+            )
         self.sampler = PromptSampler(len(self.prompts["plain"]), per_step, self.config.seed)
         # Load the verifier now, so that a bad one fails before any training step.
-        self.verifier = verifier or (load_verifier(self.config.eval.verifier) if self.eval_prompts else None)
+        self.verifier = verifier or (
+            load_verifier(self.config.eval.verifier) if self.eval_prompts else None
+        )
 
     def _tokenized(self, examples, key: str) -> dict[str, list]:
         data, kwargs = self.config.data, self.config.tokenizer.chat_template_kwargs
-        plain, privileged = tokenize_views(examples, self.tokenizer, data.privileged_template, kwargs)
-        keep = [i for i in range(len(examples)) if max(len(plain[i]), len(privileged[i])) <= data.max_prompt_length]
+        plain, privileged = tokenize_views(
+            examples, self.tokenizer, data.privileged_template, kwargs
+        )
+        keep = [
+            i
+            for i in range(len(examples))
+            if max(len(plain[i]), len(privileged[i])) <= data.max_prompt_length
+        ]
         skipped = len(examples) - len(keep)
         where = f"{key}={getattr(data, key.split('.')[1])!r}"
         if skipped and data.overlong_prompts == "error":
-            raise DOPDError(f"{where}: {skipped} of {len(examples)} prompts exceed data.max_prompt_length={data.max_prompt_length}; "
-                            "fix: raise it, or set data.overlong_prompts=skip")
+            raise DOPDError(
+                f"{where}: {skipped} of {len(examples)} prompts exceed "
+                f"data.max_prompt_length={data.max_prompt_length}; "
+                "fix: raise it, or set data.overlong_prompts=skip"
+            )
         if skipped:
-            self.accelerator.print(f"warning: {where}: skipped {skipped} of {len(examples)} prompts longer than data.max_prompt_length={data.max_prompt_length}")
+            self.accelerator.print(
+                f"warning: {where}: skipped {skipped} of {len(examples)} prompts longer than "
+                f"data.max_prompt_length={data.max_prompt_length}"
+            )
         return {
             "plain": [plain[i] for i in keep],
             "privileged": [privileged[i] for i in keep],
@@ -142,23 +173,47 @@ class Trainer:
             student.gradient_checkpointing_enable()
         frozen = {}
         if self.objective.uses_teacher:
-            frozen["teacher"] = load_model(config.teacher, self.tokenizer, seed=config.seed + 1, key="teacher")
+            frozen["teacher"] = load_model(
+                config.teacher, self.tokenizer, seed=config.seed + 1, key="teacher"
+            )
         if self.objective.uses_reference:
-            frozen["reference"] = load_model(config.reference, self.tokenizer, seed=config.seed, key="reference") if config.reference else copy.deepcopy(student)
+            frozen["reference"] = (
+                load_model(config.reference, self.tokenizer, seed=config.seed, key="reference")
+                if config.reference
+                else copy.deepcopy(student)
+            )
         weights = config.views.priv_student_weights
         if self.objective.uses_priv_student and weights == "base":
             frozen["priv_student"] = copy.deepcopy(student)
         # The vocabulary rule on the loaded heads: every view is scored, and rollouts sampled,
         # over the ids 0 .. vocab_size - 1 that every head has (equal heads: their own size).
-        sizes = {"student": output_size(student), **{name: output_size(m) for name, m in frozen.items()}}
+        sizes = {
+            "student": output_size(student),
+            **{name: output_size(m) for name, m in frozen.items()},
+        }
         self.vocab_size = common_vocabulary(sizes, len(self.tokenizer))
-        self.ema = EMA(student, config.views.ema_decay) if self.objective.uses_priv_student and weights == "ema" else None
+        self.ema = (
+            EMA(student, config.views.ema_decay)
+            if self.objective.uses_priv_student and weights == "ema"
+            else None
+        )
         optim = config.optim
-        optimizer = torch.optim.AdamW(student.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        optimizer = torch.optim.AdamW(
+            student.parameters(),
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            weight_decay=optim.weight_decay,
+        )
         scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, optim.max_steps)
-        self.student, self.optimizer, self.scheduler = accelerator.prepare(student, optimizer, scheduler)
-        # Frozen models are replicated on every rank and not checkpointed (the EMA is: TrainingState).
-        self.models = {name: m.eval().requires_grad_(False).to(accelerator.device) for name, m in frozen.items()}
+        self.student, self.optimizer, self.scheduler = accelerator.prepare(
+            student, optimizer, scheduler
+        )
+        # Frozen models are replicated on every rank and not checkpointed
+        # (the EMA is: TrainingState).
+        self.models = {
+            name: m.eval().requires_grad_(False).to(accelerator.device)
+            for name, m in frozen.items()
+        }
         if self.ema is not None:
             self.ema.to(accelerator.device)
             self.models["priv_student"] = self.ema.model
@@ -174,18 +229,29 @@ class Trainer:
         """
         loop, max_steps = self.config.loop, self.config.optim.max_steps
         last = max_steps if stop_after is None else min(stop_after, max_steps)
-        bar = tqdm(total=max_steps, initial=self.step, desc="train", disable=not self.accelerator.is_main_process)
+        bar = tqdm(
+            total=max_steps,
+            initial=self.step,
+            desc="train",
+            disable=not self.accelerator.is_main_process,
+        )
         if self.step == 0 and loop.eval_every and self.eval_prompts:
             self._log({"eval/accuracy": self.evaluate().accuracy})  # the curves' starting point
         while self.step < last:
             record = self.train_step()
             self.step += 1
-            if loop.eval_every and self.eval_prompts and (self.step % loop.eval_every == 0 or self.step == max_steps):
+            if (
+                loop.eval_every
+                and self.eval_prompts
+                and (self.step % loop.eval_every == 0 or self.step == max_steps)
+            ):
                 record["eval/accuracy"] = self.evaluate().accuracy
             if self.step % loop.log_every == 0 or self.step == last or "eval/accuracy" in record:
                 self._log(record)
             if (loop.save_every and self.step % loop.save_every == 0) or self.step == last:
-                save_checkpoint(self.accelerator, self.output_dir, self.step, self.state, self.tokenizer)
+                save_checkpoint(
+                    self.accelerator, self.output_dir, self.step, self.state, self.tokenizer
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         bar.close()
@@ -196,39 +262,84 @@ class Trainer:
         """One optimizer step; returns its metrics (the same on every rank)."""
         accelerator, rollout = self.accelerator, self.config.rollout
         start = time.perf_counter()
-        local = self.sampler.indices(self.step).chunk(accelerator.num_processes)[accelerator.process_index]
+        local = self.sampler.indices(self.step).chunk(accelerator.num_processes)[
+            accelerator.process_index
+        ]
         policy = accelerator.unwrap_model(self.student)
         policy.eval()  # generation: no dropout, no gradient checkpointing
         rollouts = generate_rollouts(
-            policy, [self.prompts["plain"][i] for i in local],
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            max_completion_length=rollout.max_completion_length, num_generations=rollout.num_generations,
-            temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-            row_seeds=rollout_seeds(self.config.seed, self.step, local, rollout.num_generations), vocab_size=self.vocab_size,
+            policy,
+            [self.prompts["plain"][i] for i in local],
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            max_completion_length=rollout.max_completion_length,
+            num_generations=rollout.num_generations,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            top_k=rollout.top_k,
+            row_seeds=rollout_seeds(self.config.seed, self.step, local, rollout.num_generations),
+            vocab_size=self.vocab_size,
         )
         policy.train()
         generated = time.perf_counter()
         rows = local[rollouts.prompt_index.cpu()].tolist()
-        view_prompts = {name: [self.prompts[kind][i] for i in rows] for name, kind in self.views.items() if name == "student" or name in self.models}
-        batches = make_micro_batches(rollouts.completion_ids, rollouts.completion_mask, view_prompts, self.config.optim.micro_batch_size, self.tokenizer.pad_token_id)
+        view_prompts = {
+            name: [self.prompts[kind][i] for i in rows]
+            for name, kind in self.views.items()
+            if name == "student" or name in self.models
+        }
+        batches = make_micro_batches(
+            rollouts.completion_ids,
+            rollouts.completion_mask,
+            view_prompts,
+            self.config.optim.micro_batch_size,
+            self.tokenizer.pad_token_id,
+        )
         loop = self.config.loop
-        result = run_step(accelerator, self.objective, self.student, self.models, batches, path=loop.loss_path, chunk_rows=loop.loss_chunk_rows, vocab_size=self.vocab_size)
+        result = run_step(
+            accelerator,
+            self.objective,
+            self.student,
+            self.models,
+            batches,
+            path=loop.loss_path,
+            chunk_rows=loop.loss_chunk_rows,
+            vocab_size=self.vocab_size,
+        )
         metrics = {**result.metrics, **self._optimizer_step(result.loss)}
         if metrics["skipped_step"]:
-            self._handle_skip(locate_nonfinite(policy, self.models, batches, self.config.objective.name, vocab_size=self.vocab_size))
+            self._handle_skip(
+                locate_nonfinite(
+                    policy,
+                    self.models,
+                    batches,
+                    self.config.objective.name,
+                    vocab_size=self.vocab_size,
+                )
+            )
         else:
             self.consecutive_skips = 0
         metrics["skipped_steps"] = float(self.skipped_steps)
-        counts = torch.stack([rollouts.completion_mask.sum(), rollouts.truncated.sum(), torch.tensor(len(rows), device=rollouts.completion_mask.device)]).double()
-        tokens, truncated, sequences = sum_across(accelerator, counts.to(accelerator.device)).tolist()
+        counts = torch.stack(
+            [
+                rollouts.completion_mask.sum(),
+                rollouts.truncated.sum(),
+                torch.tensor(len(rows), device=rollouts.completion_mask.device),
+            ]
+        ).double()
+        tokens, truncated, sequences = sum_across(
+            accelerator, counts.to(accelerator.device)
+        ).tolist()
         elapsed = time.perf_counter() - start
-        metrics.update({
-            "completion_length": tokens / sequences,
-            "truncated_fraction": truncated / sequences,
-            "time/generation": generated - start,
-            "time/step": elapsed,
-            "tokens_per_second": metrics["completion_tokens"] / elapsed,
-        })
+        metrics.update(
+            {
+                "completion_length": tokens / sequences,
+                "truncated_fraction": truncated / sequences,
+                "time/generation": generated - start,
+                "time/step": elapsed,
+                "tokens_per_second": metrics["completion_tokens"] / elapsed,
+            }
+        )
         return metrics
 
     def _optimizer_step(self, loss: torch.Tensor) -> dict[str, float]:
@@ -244,7 +355,11 @@ class Trainer:
                 self.ema.update(self.accelerator.unwrap_model(self.student))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "skipped_step": float(not finite), "lr": self.scheduler.get_last_lr()[0]}
+        return {
+            "grad_norm": float(norm),
+            "skipped_step": float(not finite),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
 
     def _handle_skip(self, diagnosis: str) -> None:
         """Count a skipped step, warn, and stop the run after too many in a row."""
@@ -252,11 +367,15 @@ class Trainer:
         self.consecutive_skips += 1
         limit = self.config.optim.max_consecutive_skips
         step = self.step + 1  # the step being taken, numbered as in metrics.jsonl
-        self.accelerator.print(f"warning: step {step}: non-finite loss or gradient, optimizer step skipped "
-                               f"({self.consecutive_skips} in a row, {self.skipped_steps} in all): {diagnosis}")
+        self.accelerator.print(
+            f"warning: step {step}: non-finite loss or gradient, optimizer step skipped "
+            f"({self.consecutive_skips} in a row, {self.skipped_steps} in all): {diagnosis}"
+        )
         if self.consecutive_skips >= limit:
-            raise DOPDError(f"stopped at step {step} after {limit} consecutive non-finite steps "
-                            f"(optim.max_consecutive_skips={limit}): {diagnosis}")
+            raise DOPDError(
+                f"stopped at step {step} after {limit} consecutive non-finite steps "
+                f"(optim.max_consecutive_skips={limit}): {diagnosis}"
+            )
 
     def evaluate(self):
         """Held-out accuracy without privileged context, sharded over ranks."""
@@ -264,11 +383,16 @@ class Trainer:
         count = min(settings.max_examples, len(self.eval_prompts["plain"]))
         shard = range(accelerator.process_index, count, accelerator.num_processes)
         result = evaluate(
-            accelerator.unwrap_model(self.student), self.tokenizer,
-            [self.eval_prompts["plain"][i] for i in shard], [self.eval_prompts["answer"][i] or "" for i in shard],
-            verifier=self.verifier, max_new_tokens=settings.max_new_tokens,
+            accelerator.unwrap_model(self.student),
+            self.tokenizer,
+            [self.eval_prompts["plain"][i] for i in shard],
+            [self.eval_prompts["answer"][i] or "" for i in shard],
+            verifier=self.verifier,
+            max_new_tokens=settings.max_new_tokens,
         )
-        counts = sum_across(accelerator, torch.tensor([result.correct, result.total], device=accelerator.device)).tolist()
+        counts = sum_across(
+            accelerator, torch.tensor([result.correct, result.total], device=accelerator.device)
+        ).tolist()
         result.correct, result.total = int(counts[0]), int(counts[1])
         return result
 
@@ -281,14 +405,22 @@ class Trainer:
         save_final_model(self.accelerator, self.student, self.tokenizer, self.output_dir / "model")
 
 
-def _check_output_dir(accelerator: Accelerator, output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix a new run into an old one unless asked to resume it or replace it (writes nothing)."""
+def _check_output_dir(
+    accelerator: Accelerator, output_dir: Path, resume: bool, overwrite: bool
+) -> None:
+    """Refuse to mix a new run into an old one unless asked to resume it or replace it (writes
+    nothing)."""
     require_support(accelerator)  # fail now, not at the first checkpoint
     if output_dir.exists() and any(output_dir.iterdir()) and not (resume or overwrite):
-        raise DOPDError(f"output_dir {str(output_dir)!r} is not empty; pass --resume to continue it or --overwrite to replace it")
+        raise DOPDError(
+            f"output_dir {str(output_dir)!r} is not empty; "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
 
 
-def _prepare_output_dir(accelerator: Accelerator, output_dir: Path, resume: bool, overwrite: bool) -> None:
+def _prepare_output_dir(
+    accelerator: Accelerator, output_dir: Path, resume: bool, overwrite: bool
+) -> None:
     """Once every input has loaded: clear an ``--overwrite`` run; on resume, delete the
     ``.tmp-`` leftovers of a writer that was killed."""
     if overwrite and not resume and output_dir.exists() and accelerator.is_main_process:
@@ -311,8 +443,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except ValueError:
             torn += bool(line.strip())
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and record["step"] <= step
+        ):
             kept.append(line)
     if torn:
-        print(f"warning: {path}: dropped {torn} unreadable line(s), written by a run that was killed mid-write", file=sys.stderr)
+        print(
+            f"warning: {path}: dropped {torn} unreadable line(s), "
+            "written by a run that was killed mid-write",
+            file=sys.stderr,
+        )
     write_text_atomically(path, "".join(line + "\n" for line in kept))

@@ -251,7 +251,19 @@ def test_arithmetic_token_roles_follow_the_scratchpad():
     task = load_task("arithmetic")
     tokens = [*"25*5=125,37+125=162\n162", "</s>"]
     roles = task.token_roles(tokens)
-    expected = ["plan"] * 4 + ["format"] + ["result"] * 3 + ["format"] + ["plan"] * 3 + ["copy"] * 3 + ["format"] + ["result"] * 3 + ["format"] + ["answer"] * 3 + ["format"]
+    expected = (
+        ["plan"] * 4
+        + ["format"]
+        + ["result"] * 3
+        + ["format"]
+        + ["plan"] * 3
+        + ["copy"] * 3
+        + ["format"]
+        + ["result"] * 3
+        + ["format"]
+        + ["answer"] * 3
+        + ["format"]
+    )
     assert roles == expected
 
 
@@ -260,4 +272,8 @@ def test_arithmetic_token_roles_label_every_token_of_any_completion(tokens):
     roles = load_task("arithmetic").token_roles(tokens)
     assert len(roles) == len(tokens)
     assert set(roles) <= {"plan", "copy", "result", "answer", "format"}
-    assert all(role == "format" for token, role in zip(tokens, roles) if token not in "0123456789+-*" or token == "")
+    assert all(
+        role == "format"
+        for token, role in zip(tokens, roles)
+        if token not in "0123456789+-*" or token == ""
+    )

@@ -1,4 +1,5 @@
-"""Random rollout batches for the objective tests: three correlated logit views and on-policy ids."""
+"""Random rollout batches for the objective tests: three correlated logit views and on-policy
+ids."""
 
 from __future__ import annotations
 
@@ -75,6 +76,12 @@ def random_batch(
 def batch_loss(objective, batch, **kwargs):
     """``objective_loss`` of ``objective`` on every view of ``batch``."""
     return objective_loss(
-        objective, batch.student, batch.priv_student, batch.teacher, batch.ids, batch.mask,
-        reference_logits=batch.reference, **kwargs,
+        objective,
+        batch.student,
+        batch.priv_student,
+        batch.teacher,
+        batch.ids,
+        batch.mask,
+        reference_logits=batch.reference,
+        **kwargs,
     )

@@ -83,7 +83,8 @@ def restricted_probs(logits, support: list[int], tail: bool) -> np.ndarray:
 
 
 def support_divergence(student_logits, target_logits, support: list[int], tail: bool, beta: float):
-    """JSD_beta between student and target on a support: (value, ``[V]`` grad w.r.t. student logits)."""
+    """JSD_beta between student and target on a support: (value, ``[V]`` grad w.r.t. student
+    logits)."""
     student_logits = np.asarray(student_logits, dtype=np.float64)
     s = restricted_probs(student_logits, support, tail)
     q = restricted_probs(target_logits, support, tail)

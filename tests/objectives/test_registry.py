@@ -13,10 +13,9 @@ from dopd.objectives.registry import OBJECTIVES, build_objective, get_spec
 from dopd.objectives.routing import HT, LH, REGIMES
 from tests.objectives import reference, tokenwise
 from tests.objectives.batches import batch_loss, random_batch
+from tests.tolerance import ANALYTIC, REORDERED, assert_close
 
 DIVERGENCE_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "js": 0.5}
-
-
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -75,9 +74,7 @@ def test_grid_entries_compute_the_divergence_they_name(divergence, granularity):
         "topk": tokenwise.support_divergence(beta, 4),
         "full": tokenwise.full_divergence(beta),
     }[granularity]
-    np.testing.assert_allclose(
-        out.per_token_loss.numpy(), tokenwise.per_token(batch, value), rtol=1e-10, atol=1e-14
-    )
+    assert_close(out.per_token_loss, tokenwise.per_token(batch, value), ulps=REORDERED)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +93,7 @@ def test_baseline_presets_match_their_formulas(name, target, value):
     batch = random_batch(2, 4, 150, seed=14)
     out = batch_loss(build_objective(name), batch)
     expected = tokenwise.per_token(batch, value, target)
-    np.testing.assert_allclose(out.per_token_loss.numpy(), expected, rtol=1e-9, atol=1e-13)
+    assert_close(out.per_token_loss, expected, ulps=REORDERED)
 
 
 @pytest.mark.parametrize(
@@ -114,12 +111,8 @@ def test_gkd_beta_end_points_are_forward_and_reverse_kl(jsd_beta, divergence):
             return sum(s_v * math.log(s_v / t_v) for s_v, t_v in zip(s, t))
         return reference.gjsd(s, t, jsd_beta)
 
-    np.testing.assert_allclose(
-        out.per_token_loss.numpy(),
-        tokenwise.per_token(batch, by_hand),
-        rtol=1e-10,
-        atol=1e-14,
-        err_msg=divergence,
+    assert_close(
+        out.per_token_loss, tokenwise.per_token(batch, by_hand), ulps=REORDERED, msg=divergence
     )
 
 
@@ -148,7 +141,7 @@ def test_dopd_ablation_presets():
         target = teacher[b, t] if regime in (LH, HT) else priv[b, t]
         support = reference.topk_ids(student[b, t], 4)
         js, _ = reference.support_divergence(student[b, t], target, support, False, reference.JS)
-        assert fixed.per_token_loss[b, t].item() == pytest.approx(weights[regime] * js, rel=1e-10)
+        assert_close(fixed.per_token_loss[b, t], weights[regime] * js, ulps=ANALYTIC)
 
 
 def test_unknown_objective_name_suggests_the_closest():

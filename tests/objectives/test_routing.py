@@ -1,4 +1,5 @@
-"""DOPD's four-regime routing (dopd.objectives.routing) on hand-built cases: every branch, every tie."""
+"""DOPD's four-regime routing (dopd.objectives.routing) on hand-built cases: every branch, every
+tie."""
 
 import math
 

@@ -10,6 +10,7 @@ from dopd import DOPDConfig, compute_thresholds, dopd_loss, merge_statistics, pr
 from dopd.objectives.statistics import trimmed_mean
 from tests.objectives import reference
 from tests.objectives.batches import random_batch
+from tests.tolerance import REORDERED, assert_close
 
 INF = float("inf")
 
@@ -35,11 +36,9 @@ def test_privilege_statistics_match_hand_formulas(seed):
     ).requires_grad_(True)
     statistics = privilege_statistics(priv_logp, teacher_logp)
     expected_gap = [math.log(2.0), 0.0, math.log(3.0), math.log(2.0)]
-    np.testing.assert_allclose(
-        statistics["advantage_gap"].numpy(), expected_gap, rtol=1e-12, atol=1e-15
-    )
-    np.testing.assert_allclose(statistics["q_student"].numpy(), [0.5, 0.1, 0.9, 0.3], rtol=1e-12)
-    np.testing.assert_allclose(statistics["q_teacher"].numpy(), [0.25, 0.1, 0.3, 0.6], rtol=1e-12)
+    assert_close(statistics["advantage_gap"], np.array(expected_gap), ulps=REORDERED)
+    assert_close(statistics["q_student"], np.array([0.5, 0.1, 0.9, 0.3]), ulps=REORDERED)
+    assert_close(statistics["q_teacher"], np.array([0.25, 0.1, 0.3, 0.6]), ulps=REORDERED)
     assert not any(value.requires_grad for value in statistics.values())
 
 
@@ -68,7 +67,7 @@ def test_trimmed_mean_matches_numpy_linear_quantile(trim_quantile, dtype, seed):
     got = trimmed_mean(values, trim_quantile)
     assert got.dtype == dtype
     expected = reference.trimmed_mean(values.double().numpy(), trim_quantile)
-    assert got.item() == pytest.approx(expected, rel=1e-12 if dtype == torch.float64 else 1e-6)
+    assert_close(got, expected, ulps=REORDERED)
 
 
 @pytest.mark.parametrize("trim_quantile", [0.5, 0.95, 1.0])
@@ -90,7 +89,7 @@ def test_thresholds_identical_from_whole_batch_and_merged_micro_batches(trim_qua
     for name, value in zip(("A", "q_student", "q_teacher"), expected):
         assert torch.equal(getattr(whole, name), getattr(merged, name))
         assert torch.equal(getattr(whole, name), getattr(from_parts, name))
-        assert getattr(whole, name).item() == pytest.approx(value, rel=1e-12)
+        assert_close(getattr(whole, name), value, ulps=REORDERED)
 
 
 def test_thresholds_do_not_depend_on_micro_batch_order():
@@ -98,9 +97,7 @@ def test_thresholds_do_not_depend_on_micro_batch_order():
     parts = [_step_statistics(batch.rows(start, start + 2)) for start in range(0, 6, 2)]
     forward, backward = compute_thresholds(parts, 0.95), compute_thresholds(parts[::-1], 0.95)
     for name in ("A", "q_student", "q_teacher"):
-        torch.testing.assert_close(
-            getattr(forward, name), getattr(backward, name), rtol=1e-14, atol=0
-        )
+        assert_close(getattr(forward, name), getattr(backward, name), ulps=REORDERED)
 
 
 def test_merge_statistics_concatenates_key_by_key():

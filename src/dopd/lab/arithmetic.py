@@ -116,7 +116,7 @@ class PlanArithmetic(Task):
                 operand.append(len(roles))
             elif operand:  # an operand just ended: does it copy the last result?
                 if previous_result and "".join(tokens[i] for i in operand) == previous_result:
-                    roles[operand[0]:operand[-1] + 1] = ["copy"] * len(operand)
+                    roles[operand[0] : operand[-1] + 1] = ["copy"] * len(operand)
                 operand = []
             if token == "\n":
                 roles.append("format")

@@ -9,7 +9,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -34,15 +34,21 @@ from dopd.viz.tokens import write_rollouts_html
 HTML_ROLLOUTS = 12  # rollouts shown token by token in tokens.html
 PLACEMENT_ROLLOUTS = 128  # held-out rollouts behind the regime-placement table
 # One seed, fewer steps than the lab, and the rate the tuned lab chose for every method (1e-4).
-DEMO_SETTINGS = LabSettings(steps=60, seeds=(0,), lr=1e-4, test_examples=256, valid_examples=64, eval_every=10)
+DEMO_SETTINGS = LabSettings(
+    steps=60, seeds=(0,), lr=1e-4, test_examples=256, valid_examples=64, eval_every=10
+)
 
 
 def model_pair(task: Task, spec: str, output_dir: Path) -> Path:
-    """The shipped pretrained pair of a built-in task, or a pair pretrained now into ``output_dir``."""
+    """The shipped pretrained pair of a built-in task, or a pair pretrained now into
+    ``output_dir``."""
     shipped = lab_model_dir(task.name)
     if (shipped / "teacher").is_dir() and (shipped / "student").is_dir():
         return shipped
-    print(f"no pretrained models for task {task.name!r}; pretraining them into {output_dir / 'models'}")
+    print(
+        f"no pretrained models for task {task.name!r}; "
+        f"pretraining them into {output_dir / 'models'}"
+    )
     main_pretrain(spec, str(output_dir / "models"), 0)
     return output_dir / "models"
 
@@ -54,14 +60,26 @@ def tune_lr(method: Method, context: dict) -> RunResult:
     settings = context["settings"]
     runs = {}
     for lr in settings.lr_grid:
-        run_dir = context["output_dir"] / "runs" / _slug(method.name) / f"seed{settings.seeds[0]}-lr{lr:g}"
-        runs[lr] = run_method(method, seed=settings.seeds[0], lr=lr, output_dir=run_dir, **_run_args(context))
-    scores = {lr: [r["eval/accuracy"] for r in run.records if "eval/accuracy" in r][-1] for lr, run in runs.items()}
+        run_dir = (
+            context["output_dir"]
+            / "runs"
+            / _slug(method.name)
+            / f"seed{settings.seeds[0]}-lr{lr:g}"
+        )
+        runs[lr] = run_method(
+            method, seed=settings.seeds[0], lr=lr, output_dir=run_dir, **_run_args(context)
+        )
+    scores = {
+        lr: [r["eval/accuracy"] for r in run.records if "eval/accuracy" in r][-1]
+        for lr, run in runs.items()
+    }
     context["tuning"][method.name] = scores
     return runs[max(scores, key=lambda lr: (scores[lr], -lr))]
 
 
-def run_suite(suite: str, settings: LabSettings, output_dir: Path, *, tune: bool, command: str) -> dict:
+def run_suite(
+    suite: str, settings: LabSettings, output_dir: Path, *, tune: bool, command: str
+) -> dict:
     """Train every method of ``suite`` for every seed and write the report files."""
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-run checkpoint chatter
     task, methods = load_task(settings.task), SUITES[suite]
@@ -70,7 +88,14 @@ def run_suite(suite: str, settings: LabSettings, output_dir: Path, *, tune: bool
     hint_forms = {method.hint_form or task.default_hint for method in methods}
     files = write_data(task, settings, output_dir / "data", hint_forms)
     baselines = baseline_accuracies(task, model_dir, settings, files)
-    context = {"task": task, "settings": settings, "model_dir": model_dir, "files": files, "output_dir": output_dir, "tuning": {}}
+    context = {
+        "task": task,
+        "settings": settings,
+        "model_dir": model_dir,
+        "files": files,
+        "output_dir": output_dir,
+        "tuning": {},
+    }
     results: list[RunResult] = []
     for index, method in enumerate(methods, start=1):
         print(f"[{index}/{len(methods)}] {method.name}", flush=True)
@@ -81,9 +106,20 @@ def run_suite(suite: str, settings: LabSettings, output_dir: Path, *, tune: bool
                 results.append(tuned)
                 continue
             run_dir = output_dir / "runs" / _slug(method.name) / f"seed{seed}-lr{lr:g}"
-            results.append(run_method(method, seed=seed, lr=lr, output_dir=run_dir, **_run_args(context)))
+            results.append(
+                run_method(method, seed=seed, lr=lr, output_dir=run_dir, **_run_args(context))
+            )
     summary = summarize(results, baselines["teacher"], baselines["student"])
-    summary.update({"suite": suite, "task": task.name, "settings": asdict(settings), "lr_tuning": {k: {f"{lr:g}": v for lr, v in s.items()} for k, s in context["tuning"].items()}})
+    summary.update(
+        {
+            "suite": suite,
+            "task": task.name,
+            "settings": asdict(settings),
+            "lr_tuning": {
+                k: {f"{lr:g}": v for lr, v in s.items()} for k, s in context["tuning"].items()
+            },
+        }
+    )
     _write_outputs(summary, results, context, command)
     return summary
 
@@ -102,25 +138,53 @@ def _write_outputs(summary: dict, results: list[RunResult], context: dict, comma
     for result in results:
         runs.setdefault(result.method, []).append(result.records)
     references = {"teacher": summary["teacher_accuracy"], "student": summary["student_accuracy"]}
-    plot_curves(runs, output_dir / "curves.png", title=f"{summary['suite']} suite, {summary['task']} task", references=references)
-    routed = next((r for r in results if any("fraction/HT" in record for record in r.records)), None)
+    plot_curves(
+        runs,
+        output_dir / "curves.png",
+        title=f"{summary['suite']} suite, {summary['task']} task",
+        references=references,
+    )
+    routed = next(
+        (r for r in results if any("fraction/HT" in record for record in r.records)), None
+    )
     if routed is not None:
-        plot_regimes(routed.records, output_dir / "regimes.png", title=f"{routed.method}: regime fractions")
+        plot_regimes(
+            routed.records, output_dir / "regimes.png", title=f"{routed.method}: regime fractions"
+        )
         records = _placement(summary, routed, context)
-        write_rollouts_html(records[:HTML_ROLLOUTS], output_dir / "tokens.html", title=f"{routed.method}: held-out rollouts of the trained student")
+        write_rollouts_html(
+            records[:HTML_ROLLOUTS],
+            output_dir / "tokens.html",
+            title=f"{routed.method}: held-out rollouts of the trained student",
+        )
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (output_dir / "report.md").write_text(markdown_report(summary, command, context))
     print(format_table(summary))
-    print(f"wrote {output_dir}/results.json, report.md, curves.png" + (", regimes.png, tokens.html" if routed else ""))
+    print(
+        f"wrote {output_dir}/results.json, report.md, curves.png"
+        + (", regimes.png, tokens.html" if routed else "")
+    )
 
 
 def _placement(summary: dict, routed: RunResult, context: dict) -> list[dict]:
     """Route held-out rollouts of the pretrained and of the trained student; record the regime
     placement per token role in ``summary``; return the trained student's token records."""
-    task, settings, teacher = context["task"], context["settings"], str(context["model_dir"] / "teacher")
+    task, settings, teacher = (
+        context["task"],
+        context["settings"],
+        str(context["model_dir"] / "teacher"),
+    )
     examples = task.examples(DATA_SEEDS["test"], PLACEMENT_ROLLOUTS, split="test")
-    students = {"pretrained student": str(context["model_dir"] / "student"), f"trained {routed.method} student": str(Path(routed.run_dir) / "model")}
-    records = {name: rollout_records(path, teacher, task, examples, max_completion_length=settings.max_completion_length) for name, path in students.items()}
+    students = {
+        "pretrained student": str(context["model_dir"] / "student"),
+        f"trained {routed.method} student": str(Path(routed.run_dir) / "model"),
+    }
+    records = {
+        name: rollout_records(
+            path, teacher, task, examples, max_completion_length=settings.max_completion_length
+        )
+        for name, path in students.items()
+    }
     placement = {name: regime_placement(rows, task) for name, rows in records.items()}
     if all(placement.values()):
         summary["regime_placement"] = placement
@@ -129,7 +193,13 @@ def _placement(summary: dict, routed: RunResult, context: dict) -> list[dict]:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -137,36 +207,91 @@ def _commit() -> str:
 def markdown_report(summary: dict, command: str, context: dict) -> str:
     """The report as markdown: provenance, settings, the table, tuning budget, per-seed numbers."""
     settings = context["settings"]
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}"
+    machine = (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
     lines = [
-        f"# dopd lab: {summary['suite']} suite on the {summary['task']} task", "",
-        f"- command: `{command}`", f"- commit: `{_commit()}`", f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", f"- machine: {machine}",
-        (f"- budget per run: {settings.steps} optimizer steps x {settings.prompts_per_step} prompts x {settings.num_generations} rollouts, "
-         f"completions up to {settings.max_completion_length} tokens; seeds {list(settings.seeds)}"),
-        f"- held-out test: {settings.test_examples} problems without privileged context; teacher {summary['teacher_accuracy']:.3f}, student {summary['student_accuracy']:.3f}", "",
-        markdown_table(summary), "",
+        f"# dopd lab: {summary['suite']} suite on the {summary['task']} task",
+        "",
+        f"- command: `{command}`",
+        f"- commit: `{_commit()}`",
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {machine}",
+        (
+            f"- budget per run: {settings.steps} optimizer steps x "
+            f"{settings.prompts_per_step} prompts x {settings.num_generations} rollouts, "
+            f"completions up to {settings.max_completion_length} tokens; "
+            f"seeds {list(settings.seeds)}"
+        ),
+        (
+            f"- held-out test: {settings.test_examples} problems without privileged context; "
+            f"teacher {summary['teacher_accuracy']:.3f}, "
+            f"student {summary['student_accuracy']:.3f}"
+        ),
+        "",
+        markdown_table(summary),
+        "",
     ]
     if summary["lr_tuning"]:
-        lines += [(f"Learning rates: each method trained at each of {list(settings.lr_grid)} on seed {settings.seeds[0]} (the same budget for every method); "
-                  "the rate with the best final validation accuracy was kept, and that run is the method's seed-0 result (test accuracy played no part in the choice):"), ""]
-        lines += [f"- {name}: " + ", ".join(f"{lr}: {acc:.3f}" for lr, acc in scores.items()) for name, scores in summary["lr_tuning"].items()]
+        lines += [
+            (
+                f"Learning rates: each method trained at each of {list(settings.lr_grid)} "
+                f"on seed {settings.seeds[0]} (the same budget for every method); "
+                "the rate with the best final validation accuracy was kept, "
+                "and that run is the method's seed-0 result "
+                "(test accuracy played no part in the choice):"
+            ),
+            "",
+        ]
+        lines += [
+            f"- {name}: " + ", ".join(f"{lr}: {acc:.3f}" for lr, acc in scores.items())
+            for name, scores in summary["lr_tuning"].items()
+        ]
         lines.append("")
     lines += ["Per-seed test accuracy:", ""]
-    lines += [f"- {name}: " + ", ".join(f"seed {s}: {a:.3f}" for s, a in m["seeds"].items()) for name, m in summary["methods"].items()]
+    lines += [
+        f"- {name}: " + ", ".join(f"seed {s}: {a:.3f}" for s, a in m["seeds"].items())
+        for name, m in summary["methods"].items()
+    ]
     for name, placement in summary.get("regime_placement", {}).items():
-        lines += ["", (f"Regime placement by token role, {PLACEMENT_ROLLOUTS} held-out rollouts of the {name}, routed by DOPD's default rule "
-                       "with the privileged teacher (fraction of each role's tokens in each regime; q and A of the sampled token):"), "", placement_table(placement)]
-    lines += ["", "Plots: `curves.png` (validation accuracy, student entropy, loss vs step), `regimes.png`; token view: `tokens.html`.", ""]
+        lines += [
+            "",
+            (
+                f"Regime placement by token role, {PLACEMENT_ROLLOUTS} held-out rollouts "
+                f"of the {name}, routed by DOPD's default rule "
+                "with the privileged teacher (fraction of each role's tokens in each regime; "
+                "q and A of the sampled token):"
+            ),
+            "",
+            placement_table(placement),
+        ]
+    lines += [
+        "",
+        (
+            "Plots: `curves.png` (validation accuracy, student entropy, loss vs step), "
+            "`regimes.png`; token view: `tokens.html`."
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
 def demo(output_dir: str, steps: int | None = None) -> dict:
     """The demo: the ``demo`` suite, one seed, fixed learning rate."""
     settings = DEMO_SETTINGS if steps is None else replace(DEMO_SETTINGS, steps=steps)
-    return run_suite("demo", settings, Path(output_dir), tune=False, command="dopd demo " + " ".join(sys.argv[2:]))
+    return run_suite(
+        "demo",
+        settings,
+        Path(output_dir),
+        tune=False,
+        command="dopd demo " + " ".join(sys.argv[2:]),
+    )
 
 
 def lab(output_dir: str, suite: str, seeds: list[int], task: str, tune: bool) -> dict:
     """The benchmark: ``suite`` over ``seeds`` with per-method learning-rate tuning."""
     settings = LabSettings(task=task, seeds=tuple(seeds))
-    return run_suite(suite, settings, Path(output_dir), tune=tune, command="dopd lab " + " ".join(sys.argv[2:]))
+    return run_suite(
+        suite, settings, Path(output_dir), tune=tune, command="dopd lab " + " ".join(sys.argv[2:])
+    )

@@ -30,33 +30,58 @@ def _same(*names: str) -> list[Method]:
 SUITES: dict[str, list[Method]] = {
     "demo": _same("vanilla_opd", "priv_teacher_opd", "self_distillation", "dopd"),
     "main": _same(
-        "vanilla_opd", "priv_teacher_opd", "self_distillation", "opsd", "sdpo", "gkd", "opcd",
-        "eopd", "tip", "exopd", "dopd",
+        "vanilla_opd",
+        "priv_teacher_opd",
+        "self_distillation",
+        "opsd",
+        "sdpo",
+        "gkd",
+        "opcd",
+        "eopd",
+        "tip",
+        "exopd",
+        "dopd",
     ),
     # Privilege-illusion diagnostic: who teaches whom, with or without the hint.
     "illusion": [
         Method("T->S", "vanilla_opd"),
         Method("Priv.T->S", "priv_teacher_opd"),
-        Method("Priv.S->S", "uniform", {"target": "priv_student", "divergence": "reverse_kl", "granularity": "sampled"}),
+        Method(
+            "Priv.S->S",
+            "uniform",
+            {"target": "priv_student", "divergence": "reverse_kl", "granularity": "sampled"},
+        ),
         Method("Priv.T->Priv.S", "priv_teacher_opd", views={"student_input": "privileged"}),
     ],
     # Token pruning: drop 20% of Priv.T->S tokens by privilege gap.
     "pruning": [
         Method("Priv.T->S", "priv_teacher_opd"),
-        *[Method(f"drop_{rule}", "pruned_opd", {"prune": rule}) for rule in ("high_gap", "low_gap", "random")],
+        *[
+            Method(f"drop_{rule}", "pruned_opd", {"prune": rule})
+            for rule in ("high_gap", "low_gap", "random")
+        ],
     ],
     # DOPD with regime subsets (the paper's Table 6) and its other ablations.
     "regimes": [
         Method("dopd", "dopd"),
         Method("teacher_regimes_only", "dopd_no_student_term"),
         Method("student_regimes_only", "dopd_no_teacher_term"),
-        *[Method(f"without_{r}", "dopd", {"regimes": [x for x in ("LH", "LL", "HT", "HS") if x != r]}) for r in ("LH", "LL", "HT", "HS")],
+        *[
+            Method(
+                f"without_{r}", "dopd", {"regimes": [x for x in ("LH", "LL", "HT", "HS") if x != r]}
+            )
+            for r in ("LH", "LL", "HT", "HS")
+        ],
         Method("fixed_objective", "dopd_fixed_objective"),
         Method("no_routing", "dopd_no_routing"),
         Method("no_privilege", "dopd_no_privilege"),
     ],
     # Divergence x granularity grid with uniform routing (the paper's Table 7).
-    "grid": [Method(f"{d}_{g}", f"{d}_{g}") for d in ("forward_kl", "reverse_kl", "js") for g in ("sampled", "topk", "full")],
+    "grid": [
+        Method(f"{d}_{g}", f"{d}_{g}")
+        for d in ("forward_kl", "reverse_kl", "js")
+        for g in ("sampled", "topk", "full")
+    ],
     # Privileged-input forms (the paper's Tables 4-5).
     "hints": [
         Method(f"{name}/{form}", name, hint_form=form)

@@ -30,7 +30,10 @@ def regime_placement(records: list[dict], task: Task) -> dict[str, dict[str, flo
             for name in STATISTICS:
                 totals[name] += record[name][index]
     return {
-        role: {"tokens": totals["tokens"], **{key: totals[key] / totals["tokens"] for key in (*REGIMES, *STATISTICS)}}
+        role: {
+            "tokens": totals["tokens"],
+            **{key: totals[key] / totals["tokens"] for key in (*REGIMES, *STATISTICS)},
+        }
         for role, totals in sorted(sums.items())
     }
 
@@ -40,6 +43,11 @@ def placement_table(placement: dict[str, dict[str, float]]) -> str:
     header = ["role", "tokens", *REGIMES, "mean q_T", "mean q_S", "mean gap A"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for role, row in placement.items():
-        cells = [role, f"{row['tokens']:.0f}", *(f"{row[r]:.2f}" for r in REGIMES), *(f"{row[s]:.3f}" for s in STATISTICS)]
+        cells = [
+            role,
+            f"{row['tokens']:.0f}",
+            *(f"{row[r]:.2f}" for r in REGIMES),
+            *(f"{row[s]:.3f}" for s in STATISTICS),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

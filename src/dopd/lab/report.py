@@ -56,7 +56,16 @@ def table_rows(summary: dict) -> list[list[str]]:
     for name, m in ordered:
         spread = f" ± {m['accuracy_std']:.3f}" if len(m["seeds"]) > 1 else ""
         closed = "-" if m["gap_closed"] is None else f"{100 * m['gap_closed']:.1f}%"
-        rows.append([name, f"{m['accuracy']:.3f}{spread}", f"{m['gain']:+.3f}", closed, f"{m['lr']:g}", _fractions_text(m["regime_fractions"])])
+        rows.append(
+            [
+                name,
+                f"{m['accuracy']:.3f}{spread}",
+                f"{m['gain']:+.3f}",
+                closed,
+                f"{m['lr']:g}",
+                _fractions_text(m["regime_fractions"]),
+            ]
+        )
     return rows
 
 
@@ -64,7 +73,10 @@ def format_table(summary: dict) -> str:
     """Plain-text table for the terminal, with the baselines above it."""
     rows = table_rows(summary)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [f"teacher accuracy {summary['teacher_accuracy']:.3f}   student accuracy {summary['student_accuracy']:.3f}   (held-out, no hints)"]
+    lines = [
+        f"teacher accuracy {summary['teacher_accuracy']:.3f}   "
+        f"student accuracy {summary['student_accuracy']:.3f}   (held-out, no hints)"
+    ]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     return "\n".join(lines)
 

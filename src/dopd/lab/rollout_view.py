@@ -15,7 +15,15 @@ from dopd.rollout import generate_rollouts, rollout_seeds
 
 
 @torch.no_grad()
-def rollout_records(student_dir: str, teacher_dir: str, task: Task, examples: list[Example], *, max_completion_length: int, seed: int = 0) -> list[dict]:
+def rollout_records(
+    student_dir: str,
+    teacher_dir: str,
+    task: Task,
+    examples: list[Example],
+    *,
+    max_completion_length: int,
+    seed: int = 0,
+) -> list[dict]:
     """One sampled completion per example, routed by DOPD with thresholds from these tokens.
 
     Returns:
@@ -27,15 +35,22 @@ def rollout_records(student_dir: str, teacher_dir: str, task: Task, examples: li
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     plain, privileged = tokenize_views(examples, tokenizer)
     rollouts = generate_rollouts(
-        student, plain, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        max_completion_length=max_completion_length, row_seeds=rollout_seeds(seed, 0, torch.arange(len(plain)), 1),
+        student,
+        plain,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_completion_length=max_completion_length,
+        row_seeds=rollout_seeds(seed, 0, torch.arange(len(plain)), 1),
     )
     ids, mask, pad = rollouts.completion_ids, rollouts.completion_mask, tokenizer.pad_token_id
     student_logits = completion_logits(student, build_view_inputs(plain, ids, mask, pad))
     priv_student_logits = completion_logits(student, build_view_inputs(privileged, ids, mask, pad))
     teacher_logits = completion_logits(teacher, build_view_inputs(privileged, ids, mask, pad))
     out = dopd_loss(student_logits, priv_student_logits, teacher_logits, ids, mask, DOPDConfig())
-    return [_record(tokenizer, task, example, ids[row], mask[row], out, row) for row, example in enumerate(examples)]
+    return [
+        _record(tokenizer, task, example, ids[row], mask[row], out, row)
+        for row, example in enumerate(examples)
+    ]
 
 
 def _record(tokenizer, task: Task, example: Example, ids, mask, out, row: int) -> dict:

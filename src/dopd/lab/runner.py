@@ -61,80 +61,161 @@ class RunResult:
     run_dir: str = ""
 
 
-def write_data(task: Task, settings: LabSettings, data_dir: Path, hint_forms: set[str]) -> dict[str, Path]:
+def write_data(
+    task: Task, settings: LabSettings, data_dir: Path, hint_forms: set[str]
+) -> dict[str, Path]:
     """JSONL files of the splits: ``train/<hint_form>``, ``valid`` and ``test``."""
     data_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     splits = {f"train/{form}": ("train", settings.train_examples, form) for form in hint_forms}
-    splits.update({"valid": ("valid", settings.valid_examples, None), "test": ("test", settings.test_examples, None)})
-    test_prompts = {e.prompt for e in task.examples(DATA_SEEDS["test"], settings.test_examples, split="test")}
+    splits.update(
+        {
+            "valid": ("valid", settings.valid_examples, None),
+            "test": ("test", settings.test_examples, None),
+        }
+    )
+    test_prompts = {
+        e.prompt for e in task.examples(DATA_SEEDS["test"], settings.test_examples, split="test")
+    }
     for key, (split, count, form) in splits.items():
         path = data_dir / f"{key.replace('/', '_')}.jsonl"
-        # Pretraining only saw "train"-side prompts: validation and test come from the held-out side,
-        # and validation (which picks learning rates) never repeats a test problem.
+        # Pretraining only saw "train"-side prompts: validation and test come from the held-out
+        # side, and validation (which picks learning rates) never repeats a test problem.
         side = "train" if split == "train" else "test"
         exclude = test_prompts if split == "valid" else set()
-        rows = [asdict(example) for example in _examples_excluding(task, DATA_SEEDS[split], count, form, side, exclude)]
+        rows = [
+            asdict(example)
+            for example in _examples_excluding(task, DATA_SEEDS[split], count, form, side, exclude)
+        ]
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         files[key] = path
     return files
 
 
-def _examples_excluding(task: Task, seed: int, count: int, hint_form: str | None, split: str, exclude: set[str]) -> list:
-    """The first ``count`` examples of ``task.examples(seed, ..., split=split)`` whose prompt is not in ``exclude``."""
+def _examples_excluding(
+    task: Task, seed: int, count: int, hint_form: str | None, split: str, exclude: set[str]
+) -> list:
+    """The first ``count`` examples of ``task.examples(seed, ..., split=split)`` whose prompt is
+    not in ``exclude``."""
     drawn = count
     while True:
-        kept = [e for e in task.examples(seed, drawn, hint_form, split=split) if e.prompt not in exclude]
+        kept = [
+            e for e in task.examples(seed, drawn, hint_form, split=split) if e.prompt not in exclude
+        ]
         if len(kept) >= count:
             return kept[:count]
         if drawn > 8 * (count + len(exclude)):
-            raise ConfigError(f"task {task.name!r} has too few distinct {split!r} prompts for {count} examples outside the test split")
+            raise ConfigError(
+                f"task {task.name!r} has too few distinct {split!r} prompts for {count} examples "
+                "outside the test split"
+            )
         drawn *= 2
 
 
-def method_config(method: Method, *, seed: int, lr: float, settings: LabSettings, model_dir: Path, files: dict[str, Path], output_dir: Path, task: Task) -> TrainConfig:
+def method_config(
+    method: Method,
+    *,
+    seed: int,
+    lr: float,
+    settings: LabSettings,
+    model_dir: Path,
+    files: dict[str, Path],
+    output_dir: Path,
+    task: Task,
+) -> TrainConfig:
     """The ``TrainConfig`` of one lab run."""
     hint_form = method.hint_form or task.default_hint
-    return from_dict(TrainConfig, {
-        "output_dir": str(output_dir),
-        "seed": seed,
-        "student": {"path": str(model_dir / "student")},
-        "teacher": {"path": str(model_dir / "teacher")},
-        "tokenizer": {"path": str(model_dir / "student")},
-        "data": {"train": str(files[f"train/{hint_form}"]), "eval": str(files["valid"]), "max_prompt_length": 256},
-        "objective": {"name": method.objective, **method.options},
-        "views": dict(method.views),
-        "rollout": {
-            "prompts_per_step": settings.prompts_per_step, "num_generations": settings.num_generations,
-            "max_completion_length": settings.max_completion_length, "temperature": settings.temperature,
+    return from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(output_dir),
+            "seed": seed,
+            "student": {"path": str(model_dir / "student")},
+            "teacher": {"path": str(model_dir / "teacher")},
+            "tokenizer": {"path": str(model_dir / "student")},
+            "data": {
+                "train": str(files[f"train/{hint_form}"]),
+                "eval": str(files["valid"]),
+                "max_prompt_length": 256,
+            },
+            "objective": {"name": method.objective, **method.options},
+            "views": dict(method.views),
+            "rollout": {
+                "prompts_per_step": settings.prompts_per_step,
+                "num_generations": settings.num_generations,
+                "max_completion_length": settings.max_completion_length,
+                "temperature": settings.temperature,
+            },
+            "optim": {
+                "lr": lr,
+                "max_steps": settings.steps,
+                "warmup_steps": min(settings.warmup_steps, settings.steps),
+                "micro_batch_size": settings.micro_batch_size,
+            },
+            "loop": {"save_every": 0, "eval_every": settings.eval_every},
+            "eval": {
+                "max_examples": settings.valid_examples,
+                "max_new_tokens": settings.max_completion_length,
+            },
         },
-        "optim": {"lr": lr, "max_steps": settings.steps, "warmup_steps": min(settings.warmup_steps, settings.steps), "micro_batch_size": settings.micro_batch_size},
-        "loop": {"save_every": 0, "eval_every": settings.eval_every},
-        "eval": {"max_examples": settings.valid_examples, "max_new_tokens": settings.max_completion_length},
-    })
+    )
 
 
 def test_accuracy(model, tokenizer, task: Task, test_file: Path, settings: LabSettings) -> float:
     """Greedy accuracy of ``model`` on the test split without privileged context."""
     examples = load_examples(str(test_file))
     prompts, _ = tokenize_views(examples, tokenizer)
-    result = evaluate(model, tokenizer, prompts, [e.answer for e in examples], verifier=task.verify,
-                      max_new_tokens=settings.max_completion_length, batch_size=64)
+    result = evaluate(
+        model,
+        tokenizer,
+        prompts,
+        [e.answer for e in examples],
+        verifier=task.verify,
+        max_new_tokens=settings.max_completion_length,
+        batch_size=64,
+    )
     return result.accuracy
 
 
-def baseline_accuracies(task: Task, model_dir: Path, settings: LabSettings, files: dict[str, Path]) -> dict[str, float]:
+def baseline_accuracies(
+    task: Task, model_dir: Path, settings: LabSettings, files: dict[str, Path]
+) -> dict[str, float]:
     """Test accuracy of the pretrained teacher and student, without privileged context."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "student")
     return {
-        role: test_accuracy(AutoModelForCausalLM.from_pretrained(model_dir / role), tokenizer, task, files["test"], settings)
+        role: test_accuracy(
+            AutoModelForCausalLM.from_pretrained(model_dir / role),
+            tokenizer,
+            task,
+            files["test"],
+            settings,
+        )
         for role in ("teacher", "student")
     }
 
 
-def run_method(method: Method, *, seed: int, lr: float, settings: LabSettings, model_dir: Path, files: dict[str, Path], output_dir: Path, task: Task) -> RunResult:
+def run_method(
+    method: Method,
+    *,
+    seed: int,
+    lr: float,
+    settings: LabSettings,
+    model_dir: Path,
+    files: dict[str, Path],
+    output_dir: Path,
+    task: Task,
+) -> RunResult:
     """Train one method from the pretrained student and score it on the test split."""
-    config = method_config(method, seed=seed, lr=lr, settings=settings, model_dir=model_dir, files=files, output_dir=output_dir, task=task)
+    config = method_config(
+        method,
+        seed=seed,
+        lr=lr,
+        settings=settings,
+        model_dir=model_dir,
+        files=files,
+        output_dir=output_dir,
+        task=task,
+    )
     start = time.perf_counter()
     trainer = Trainer(config, overwrite=True, verifier=task.verify)
     trainer.train()
@@ -142,4 +223,6 @@ def run_method(method: Method, *, seed: int, lr: float, settings: LabSettings, m
     with torch.no_grad():
         accuracy = test_accuracy(student, trainer.tokenizer, task, files["test"], settings)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return RunResult(method.name, seed, lr, accuracy, records, time.perf_counter() - start, str(output_dir))
+    return RunResult(
+        method.name, seed, lr, accuracy, records, time.perf_counter() - start, str(output_dir)
+    )

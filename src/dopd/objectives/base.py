@@ -211,22 +211,29 @@ def token_losses(objective: Objective, views: TokenViews, thresholds: Any = None
         if rows.numel() == 0:
             continue
         for term in terms:
-            per_token = per_token.index_add(0, rows, term.weight * term_values(objective, term, views, rows))
+            per_token = per_token.index_add(
+                0, rows, term.weight * term_values(objective, term, views, rows)
+            )
     return TokenLosses(per_token, groups, statistics, thresholds)
 
 
-def _check_inputs(logits: dict[str, Tensor | None], completion_ids: Tensor, completion_mask: Tensor) -> None:
+def _check_inputs(
+    logits: dict[str, Tensor | None], completion_ids: Tensor, completion_mask: Tensor
+) -> None:
     if completion_ids.dim() != 2 or completion_mask.shape != completion_ids.shape:
         raise ValueError(
-            f"completion_ids and completion_mask must both be [B, T]; got {tuple(completion_ids.shape)} "
-            f"and {tuple(completion_mask.shape)}"
+            "completion_ids and completion_mask must both be [B, T]; "
+            f"got {tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}"
         )
     vocab = logits["student"].shape[-1]
     for name, value in logits.items():
         if value is None:
             continue
         if value.dim() != 3 or value.shape[:2] != completion_ids.shape:
-            raise ValueError(f"{name}_logits must be [B, T, V] with [B, T] = {tuple(completion_ids.shape)}; got {tuple(value.shape)}")
+            raise ValueError(
+                f"{name}_logits must be [B, T, V] with [B, T] = {tuple(completion_ids.shape)}; "
+                f"got {tuple(value.shape)}"
+            )
         if value.shape[-1] != vocab:
             raise ValueError(
                 f"vocabulary size mismatch: student_logits has V={vocab} but {name}_logits has "
@@ -305,9 +312,13 @@ def objective_loss(
     per_token_full = torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device)
     per_token_full = per_token_full.masked_scatter(mask, per_token)  # [B, T]
     loss = reduce_loss(per_token_full, mask, objective.config.reduction, denominator)
-    groups_full = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device).masked_scatter(mask, out.groups)
+    groups_full = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device).masked_scatter(
+        mask, out.groups
+    )
     statistics_full = {
-        name: torch.zeros(mask.shape, dtype=value.dtype, device=value.device).masked_scatter(mask, value)
+        name: torch.zeros(mask.shape, dtype=value.dtype, device=value.device).masked_scatter(
+            mask, value
+        )
         for name, value in out.statistics.items()
     }
     metrics = objective_metrics(
@@ -323,5 +334,8 @@ def check_subset(key: str, values: tuple, allowed: tuple) -> tuple:
     values = tuple(values)
     unknown = [v for v in values if v not in allowed]
     if unknown or len(set(values)) != len(values):
-        raise ConfigError(f"{key}={values!r} must be distinct items of {allowed!r}; remove {unknown or 'duplicates'}")
+        raise ConfigError(
+            f"{key}={values!r} must be distinct items of {allowed!r}; "
+            f"remove {unknown or 'duplicates'}"
+        )
     return values

@@ -1,9 +1,9 @@
 """DOPD: route each token by the privilege advantage gap (METHOD.md sections 2-5).
 
-    LH  privileged teacher        reverse KL, top-K   weight beta_light
-    LL  privileged student (sg)   reverse KL, top-K   weight beta_weak
-    HT  privileged teacher        Jensen-Shannon, full vocabulary   weight beta_deep
-    HS  privileged student (sg)   reverse KL, top-K   weight beta_light
+LH  privileged teacher        reverse KL, top-K   weight beta_light
+LL  privileged student (sg)   reverse KL, top-K   weight beta_weak
+HT  privileged teacher        Jensen-Shannon, full vocabulary   weight beta_deep
+HS  privileged student (sg)   reverse KL, top-K   weight beta_light
 """
 
 from __future__ import annotations
@@ -64,10 +64,15 @@ class DOPDConfig(ObjectiveOptions):
             )
         require_range("trim_quantile", self.trim_quantile, low=0.0, high=1.0, low_open=True)
         if isinstance(self.regimes, str):
-            raise ConfigError(f"regimes={self.regimes!r} must be a list of regime names such as ['LH', 'HT']")
+            raise ConfigError(
+                f"regimes={self.regimes!r} must be a list of regime names such as ['LH', 'HT']"
+            )
         object.__setattr__(self, "regimes", check_subset("regimes", self.regimes, REGIMES))
         if not self.regimes:
-            raise ConfigError("regimes=() enables no regime, so the loss would always be 0; list at least one of LH, LL, HT, HS")
+            raise ConfigError(
+                "regimes=() enables no regime, so the loss would always be 0; "
+                "list at least one of LH, LL, HT, HS"
+            )
         if self.fixed_divergence is not None:
             require_choice("fixed_divergence", self.fixed_divergence, DIVERGENCE_BETA)
         if self.fixed_granularity is not None:
@@ -99,12 +104,16 @@ class DOPD(Objective):
         return tuple((table[r],) if r in c.regimes else () for r in REGIMES)
 
     def statistics(self, views: TokenViews) -> dict[str, Tensor]:
-        return privilege_statistics(views.sampled_logp("priv_student"), views.sampled_logp("teacher"))
+        return privilege_statistics(
+            views.sampled_logp("priv_student"), views.sampled_logp("teacher")
+        )
 
     def thresholds(self, statistics: dict[str, Tensor]) -> Thresholds:
         return compute_thresholds(statistics, self.config.trim_quantile)
 
-    def assign(self, views: TokenViews, statistics: dict[str, Tensor], thresholds: Thresholds) -> Tensor:
+    def assign(
+        self, views: TokenViews, statistics: dict[str, Tensor], thresholds: Thresholds
+    ) -> Tensor:
         return assign_regimes(statistics, thresholds)
 
     def metrics(self, statistics: dict[str, Tensor], thresholds: Thresholds) -> dict[str, Any]:
@@ -159,7 +168,13 @@ def dopd_loss(
         ``metrics``. Computed in float32 or wider whatever the input dtype.
     """
     out = objective_loss(
-        DOPD(config), student_logits, priv_student_logits, teacher_logits, completion_ids, completion_mask,
-        thresholds=thresholds, denominator=denominator,
+        DOPD(config),
+        student_logits,
+        priv_student_logits,
+        teacher_logits,
+        completion_ids,
+        completion_mask,
+        thresholds=thresholds,
+        denominator=denominator,
     )
     return DOPDOutput(**vars(out))

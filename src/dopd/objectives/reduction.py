@@ -29,7 +29,9 @@ def loss_denominator(mask: Tensor, reduction: str) -> Tensor:
     return mask.any(-1).sum()
 
 
-def reduce_loss(per_token: Tensor, mask: Tensor, reduction: str, denominator: Tensor | float | None = None) -> Tensor:
+def reduce_loss(
+    per_token: Tensor, mask: Tensor, reduction: str, denominator: Tensor | float | None = None
+) -> Tensor:
     """Sum of contributions divided by ``denominator`` (default: this batch's own).
 
     Args:
@@ -61,8 +63,9 @@ def row_weights(
     """What each valid token's loss is multiplied by in the reduced loss.
 
     ``(row_weights(mask, r, d) * per_token[mask]).sum()`` equals
-    ``reduce_loss(per_token, mask, r, d)`` (up to rounding), so a path that never builds ``[B, T]`` losses (the chunked path) reduces
-    exactly as the reference does, with the same step-level denominator.
+    ``reduce_loss(per_token, mask, r, d)`` (up to rounding), so a path that never builds
+    ``[B, T]`` losses (the chunked path) reduces exactly as the reference does, with the same
+    step-level denominator.
 
     Args:
         mask: ``[B, T]`` bool; rows are the valid tokens in row-major order (``x[mask]``).

@@ -50,52 +50,174 @@ class ObjectiveSpec:
         for key in overrides:
             if key not in keys:
                 close = difflib.get_close_matches(key, keys, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(keys)}"
-                raise ConfigError(f"objective.{key} is not an option of objective {self.name!r}{hint}")
+                hint = (
+                    f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(keys)}"
+                )
+                raise ConfigError(
+                    f"objective.{key} is not an option of objective {self.name!r}{hint}"
+                )
         return self.objective_class(self.config_class(**{**self.defaults, **overrides}))
 
 
-def _uniform(name: str, target: str, divergence: str, granularity: str, teacher_view: str, summary: str, **extra: Any) -> ObjectiveSpec:
+def _uniform(
+    name: str,
+    target: str,
+    divergence: str,
+    granularity: str,
+    teacher_view: str,
+    summary: str,
+    **extra: Any,
+) -> ObjectiveSpec:
     defaults = {"target": target, "divergence": divergence, "granularity": granularity, **extra}
     return ObjectiveSpec(name, Uniform, UniformConfig, defaults, teacher_view, summary=summary)
 
 
 def _grid() -> list[ObjectiveSpec]:
     return [
-        _uniform(f"{div}_{gran}", "teacher", div, gran, "privileged", f"uniform {div} over {gran} support, privileged teacher")
+        _uniform(
+            f"{div}_{gran}",
+            "teacher",
+            div,
+            gran,
+            "privileged",
+            f"uniform {div} over {gran} support, privileged teacher",
+        )
         for div in ("forward_kl", "reverse_kl", "js")
         for gran in ("sampled", "topk", "full")
     ]
 
 
 _SPECS = [
-    ObjectiveSpec("dopd", DOPD, DOPDConfig, summary="DOPD: four-regime routing by the privilege advantage gap"),
-    ObjectiveSpec("dopd_no_teacher_term", DOPD, DOPDConfig, {"regimes": ("LL", "HS")}, summary="DOPD ablation: self-anchor regimes only"),
-    ObjectiveSpec("dopd_no_student_term", DOPD, DOPDConfig, {"regimes": ("LH", "HT")}, summary="DOPD ablation: teacher regimes only"),
     ObjectiveSpec(
-        "dopd_fixed_objective", DOPD, DOPDConfig, {"fixed_divergence": "js", "fixed_granularity": "topk"},
+        "dopd", DOPD, DOPDConfig, summary="DOPD: four-regime routing by the privilege advantage gap"
+    ),
+    ObjectiveSpec(
+        "dopd_no_teacher_term",
+        DOPD,
+        DOPDConfig,
+        {"regimes": ("LL", "HS")},
+        summary="DOPD ablation: self-anchor regimes only",
+    ),
+    ObjectiveSpec(
+        "dopd_no_student_term",
+        DOPD,
+        DOPDConfig,
+        {"regimes": ("LH", "HT")},
+        summary="DOPD ablation: teacher regimes only",
+    ),
+    ObjectiveSpec(
+        "dopd_fixed_objective",
+        DOPD,
+        DOPDConfig,
+        {"fixed_divergence": "js", "fixed_granularity": "topk"},
         summary="DOPD ablation: no adaptive objectives (one divergence for every regime)",
     ),
     ObjectiveSpec(
-        "dopd_no_privilege", DOPD, DOPDConfig, teacher_view="plain", priv_student_view="plain",
+        "dopd_no_privilege",
+        DOPD,
+        DOPDConfig,
+        teacher_view="plain",
+        priv_student_view="plain",
         summary="DOPD ablation: no privileged input for the teacher or the privileged student",
     ),
-    _uniform("dopd_no_routing", "teacher", "js", "topk", "privileged", "DOPD ablation: uniform JS top-K from the privileged teacher"),
-    _uniform("vanilla_opd", "teacher", "reverse_kl", "sampled", "plain", "vanilla OPD: sampled-token reverse-KL policy gradient"),
-    _uniform("priv_teacher_opd", "teacher", "reverse_kl", "sampled", "privileged", "Priv.T->S: vanilla OPD with the privileged teacher"),
-    _uniform("self_distillation", "priv_student", "reverse_kl", "topk", "privileged", "self-distillation to the privileged student"),
-    _uniform("opsd", "priv_student", "js", "full", "privileged", "OPSD: full-vocabulary JSD to the privileged student"),
-    _uniform("sdpo", "priv_student", "js", "topk", "privileged", "SDPO-style: top-100 JSD with tail to the privileged student", top_k=100, topk_tail=True),
-    _uniform("gkd", "teacher", "gjsd", "full", "plain", "GKD: generalized JSD_beta, full vocabulary", jsd_beta=0.5),
-    _uniform("opcd", "teacher", "reverse_kl", "topk", "privileged", "OPCD: top-K reverse KL to the teacher with context"),
-    ObjectiveSpec("eopd", EOPD, EOPDConfig, teacher_view="plain", summary="EOPD: reverse KL + forward KL on high teacher-entropy tokens"),
-    ObjectiveSpec("tip", TIP, TIPConfig, teacher_view="plain", summary="TIP: train only on kept student-entropy x gap quadrants"),
-    ObjectiveSpec("exopd", ExOPD, ExOPDConfig, teacher_view="plain", summary="ExOPD: reverse KL to the reward-extrapolated target"),
+    _uniform(
+        "dopd_no_routing",
+        "teacher",
+        "js",
+        "topk",
+        "privileged",
+        "DOPD ablation: uniform JS top-K from the privileged teacher",
+    ),
+    _uniform(
+        "vanilla_opd",
+        "teacher",
+        "reverse_kl",
+        "sampled",
+        "plain",
+        "vanilla OPD: sampled-token reverse-KL policy gradient",
+    ),
+    _uniform(
+        "priv_teacher_opd",
+        "teacher",
+        "reverse_kl",
+        "sampled",
+        "privileged",
+        "Priv.T->S: vanilla OPD with the privileged teacher",
+    ),
+    _uniform(
+        "self_distillation",
+        "priv_student",
+        "reverse_kl",
+        "topk",
+        "privileged",
+        "self-distillation to the privileged student",
+    ),
+    _uniform(
+        "opsd",
+        "priv_student",
+        "js",
+        "full",
+        "privileged",
+        "OPSD: full-vocabulary JSD to the privileged student",
+    ),
+    _uniform(
+        "sdpo",
+        "priv_student",
+        "js",
+        "topk",
+        "privileged",
+        "SDPO-style: top-100 JSD with tail to the privileged student",
+        top_k=100,
+        topk_tail=True,
+    ),
+    _uniform(
+        "gkd",
+        "teacher",
+        "gjsd",
+        "full",
+        "plain",
+        "GKD: generalized JSD_beta, full vocabulary",
+        jsd_beta=0.5,
+    ),
+    _uniform(
+        "opcd",
+        "teacher",
+        "reverse_kl",
+        "topk",
+        "privileged",
+        "OPCD: top-K reverse KL to the teacher with context",
+    ),
     ObjectiveSpec(
-        "pruned_opd", Pruned, PrunedConfig, {"target": "teacher", "divergence": "reverse_kl", "granularity": "sampled"},
+        "eopd",
+        EOPD,
+        EOPDConfig,
+        teacher_view="plain",
+        summary="EOPD: reverse KL + forward KL on high teacher-entropy tokens",
+    ),
+    ObjectiveSpec(
+        "tip",
+        TIP,
+        TIPConfig,
+        teacher_view="plain",
+        summary="TIP: train only on kept student-entropy x gap quadrants",
+    ),
+    ObjectiveSpec(
+        "exopd",
+        ExOPD,
+        ExOPDConfig,
+        teacher_view="plain",
+        summary="ExOPD: reverse KL to the reward-extrapolated target",
+    ),
+    ObjectiveSpec(
+        "pruned_opd",
+        Pruned,
+        PrunedConfig,
+        {"target": "teacher", "divergence": "reverse_kl", "granularity": "sampled"},
         summary="Priv.T->S with 20% of tokens dropped by privilege gap (high, low or random)",
     ),
-    ObjectiveSpec("uniform", Uniform, UniformConfig, summary="one configurable term for every token"),
+    ObjectiveSpec(
+        "uniform", Uniform, UniformConfig, summary="one configurable term for every token"
+    ),
     *_grid(),
 ]
 

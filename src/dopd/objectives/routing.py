@@ -1,9 +1,9 @@
 """DOPD's four-regime router (METHOD.md section 3): a pure function of per-token statistics.
 
-    LH  A <  A_bar  and  q_S + q_T >= q_S_bar + q_T_bar   light teacher
-    LL  A <  A_bar  and  q_S + q_T <  q_S_bar + q_T_bar   weak self-anchor
-    HT  A >= A_bar  and  q_T >= q_S                        deep teacher
-    HS  A >= A_bar  and  q_T <  q_S                        light self-anchor
+LH  A <  A_bar  and  q_S + q_T >= q_S_bar + q_T_bar   light teacher
+LL  A <  A_bar  and  q_S + q_T <  q_S_bar + q_T_bar   weak self-anchor
+HT  A >= A_bar  and  q_T >= q_S                        deep teacher
+HS  A >= A_bar  and  q_T <  q_S                        light self-anchor
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ def assign_regimes(statistics: dict[str, Tensor], thresholds: Thresholds) -> Ten
     Returns:
         ``[N]`` long in {0=LH, 1=LL, 2=HT, 3=HS}.
     """
-    gap, q_student, q_teacher = statistics["advantage_gap"], statistics["q_student"], statistics["q_teacher"]
+    gap, q_student, q_teacher = (
+        statistics["advantage_gap"],
+        statistics["q_student"],
+        statistics["q_teacher"],
+    )
     low_gap = gap < thresholds.A
     confident = (q_student + q_teacher) >= (thresholds.q_student + thresholds.q_teacher)
     teacher_more_confident = q_teacher >= q_student

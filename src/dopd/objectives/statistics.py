@@ -82,7 +82,9 @@ def merge_statistics(parts: Iterable[Mapping[str, Tensor]]) -> dict[str, Tensor]
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
-def compute_thresholds(statistics: Mapping[str, Tensor] | Iterable[Mapping[str, Tensor]], trim_quantile: float) -> Thresholds:
+def compute_thresholds(
+    statistics: Mapping[str, Tensor] | Iterable[Mapping[str, Tensor]], trim_quantile: float
+) -> Thresholds:
     """DOPD thresholds from the per-token statistics of a whole optimizer step.
 
     Args:

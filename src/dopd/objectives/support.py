@@ -14,7 +14,9 @@ from torch import Tensor
 SUPPORT_SOURCES = ("student", "teacher", "union")
 
 
-def topk_support(student_logits: Tensor, target_logits: Tensor, k: int, source: str) -> tuple[Tensor, Tensor]:
+def topk_support(
+    student_logits: Tensor, target_logits: Tensor, k: int, source: str
+) -> tuple[Tensor, Tensor]:
     """Vocabulary ids of the support and which of them are real entries.
 
     Args:
@@ -64,7 +66,12 @@ def restrict_to_support(logits: Tensor, index: Tensor, valid: Tensor, tail: bool
     if not tail:
         gathered = logits.gather(-1, index).clamp_min(lowest).masked_fill(~valid, float("-inf"))
         return gathered.log_softmax(-1)
-    logp = logits.log_softmax(-1).gather(-1, index).clamp_min(lowest).masked_fill(~valid, float("-inf"))
+    logp = (
+        logits.log_softmax(-1)
+        .gather(-1, index)
+        .clamp_min(lowest)
+        .masked_fill(~valid, float("-inf"))
+    )
     covered = logp.logsumexp(-1, keepdim=True)
     # log(1 - exp(covered)) via expm1 for precision near 1; the clamp keeps the log finite (and
     # its gradient zero) when the support already holds all the mass.

@@ -115,7 +115,11 @@ class TIPConfig(ObjectiveOptions):
     """
 
     split_quantile: float = 0.5
-    keep: tuple[str, ...] = ("low_entropy_high_gap", "high_entropy_low_gap", "high_entropy_high_gap")
+    keep: tuple[str, ...] = (
+        "low_entropy_high_gap",
+        "high_entropy_low_gap",
+        "high_entropy_high_gap",
+    )
     divergence: str = "reverse_kl"
     granularity: str = "sampled"
 
@@ -143,18 +147,27 @@ class TIP(Objective):
         return tuple((term,) if quadrant in c.keep else () for quadrant in TIP_QUADRANTS)
 
     def statistics(self, views: TokenViews) -> dict[str, Tensor]:
-        gap = views.sampled_logp("student").detach().clamp_min(LOG_FLOOR) - views.sampled_logp("teacher").clamp_min(LOG_FLOOR)
+        gap = views.sampled_logp("student").detach().clamp_min(LOG_FLOOR) - views.sampled_logp(
+            "teacher"
+        ).clamp_min(LOG_FLOOR)
         return {"student_entropy": views.entropy("student"), "gap": gap.abs()}
 
     def thresholds(self, statistics: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: _quantile(values, self.config.split_quantile) for name, values in statistics.items()}
+        return {
+            name: _quantile(values, self.config.split_quantile)
+            for name, values in statistics.items()
+        }
 
-    def assign(self, views: TokenViews, statistics: dict[str, Tensor], thresholds: dict[str, Tensor]) -> Tensor:
+    def assign(
+        self, views: TokenViews, statistics: dict[str, Tensor], thresholds: dict[str, Tensor]
+    ) -> Tensor:
         high_entropy = statistics["student_entropy"] >= thresholds["student_entropy"]
         high_gap = statistics["gap"] >= thresholds["gap"]
         return 2 * high_entropy.long() + high_gap.long()
 
-    def metrics(self, statistics: dict[str, Tensor], thresholds: dict[str, Tensor]) -> dict[str, Tensor]:
+    def metrics(
+        self, statistics: dict[str, Tensor], thresholds: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
         return {f"threshold/{name}": value for name, value in thresholds.items()}
 
 
@@ -242,9 +255,14 @@ class Pruned(Uniform):
     def thresholds(self, statistics: dict[str, Tensor]) -> dict[str, Tensor]:
         c = self.config
         gap = statistics["advantage_gap"]
-        return {"high_gap": _quantile(gap, 1.0 - c.prune_fraction), "low_gap": _quantile(gap, c.prune_fraction)}
+        return {
+            "high_gap": _quantile(gap, 1.0 - c.prune_fraction),
+            "low_gap": _quantile(gap, c.prune_fraction),
+        }
 
-    def assign(self, views: TokenViews, statistics: dict[str, Tensor], thresholds: dict[str, Tensor]) -> Tensor:
+    def assign(
+        self, views: TokenViews, statistics: dict[str, Tensor], thresholds: dict[str, Tensor]
+    ) -> Tensor:
         rule, gap = self.config.prune, statistics["advantage_gap"]
         if rule == "high_gap":
             dropped = gap > thresholds["high_gap"]
