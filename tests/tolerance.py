@@ -53,12 +53,22 @@ def tolerance(actual, expected, ulps: float, dtype=None, scale: float | None = N
     largest finite magnitude in either. Pass ``scale`` for a sum whose terms cancel (a loss that
     averages per-token values of both signs): its rounding follows the largest term, not the
     result."""
-    if dtype is None:
-        dtype = max((_dtype(actual), _dtype(expected)), key=lambda d: _EPS.get(d, 0.0))
+    return (
+        ulps * _EPS[dtype or coarser_dtype(actual, expected)] * magnitude(actual, expected, scale)
+    )
+
+
+def coarser_dtype(actual, expected) -> torch.dtype:
+    """The dtype of the two with the larger rounding unit."""
+    return max((_dtype(actual), _dtype(expected)), key=lambda d: _EPS.get(d, 0.0))
+
+
+def magnitude(actual, expected, scale: float | None = None) -> float:
+    """The largest finite magnitude in either value, or ``scale`` where that is larger."""
     values = torch.cat([_as_float64(actual).flatten(), _as_float64(expected).flatten()])
     values = values[torch.isfinite(values)]
     largest = values.abs().max().item() if values.numel() else 0.0
-    return ulps * _EPS[dtype] * max(largest, float(scale or 0.0))
+    return max(largest, float(scale or 0.0))
 
 
 def assert_close(
