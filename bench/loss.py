@@ -1,4 +1,4 @@
-"""Peak memory and time of the chunked DOPD loss vs the naive three-full-logits path (issue 5).
+"""Peak memory and time of the chunked DOPD loss vs the naive three-full-logits path.
 
     python bench/loss.py --quick                      # small vocabulary, a smoke run (~1 min)
     python bench/loss.py --json docs/bench_loss.json  # V = 151,936, d in {1024, 2048}, 4k-16k rows

@@ -5,8 +5,8 @@
 
 Both objectives train the same random-init Qwen3 student against the same teacher on the same
 prompts; the step is broken into generation, scoring of the constant views, and student
-forward+backward. DOPD's extra cost is one no-grad privileged-student forward (METHOD.md section
-1) plus its routing; `dopd_over_vanilla` is the ratio of median step times measured in this run.
+forward+backward. DOPD's extra cost is one no-grad privileged-student forward (docs/method.md
+§1) plus its routing; `dopd_over_vanilla` is the ratio of median step times measured in this run.
 ``--loss-path`` picks ``run_step``'s loss path (``auto``, the trainer's default, takes the chunked
 path for these models; ``reference`` the full-logits one). ``--compare-paths`` instead times
 ``run_step`` (scoring + forward/backward) on both paths over the same micro-batches of every step,

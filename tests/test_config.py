@@ -1,6 +1,6 @@
 """Tests of dopd.config: defaults, the shipped configs, overrides, round trips and every error path.
 
-Expected values are written out here from the issue's schema and METHOD.md section 6, never
+Expected values are written out here from the config schema and docs/method.md §6, never
 recomputed with the code under test.
 """
 
@@ -33,7 +33,7 @@ from dopd.objectives.registry import OBJECTIVES
 REPO = Path(__file__).resolve().parents[1]
 # The smallest valid config: the three keys without a default.
 REQUIRED = ["student.path=student-model", "teacher.path=teacher-model", "data.train=train.jsonl"]
-# METHOD.md section 6: the paper's teacher -> student pairs.
+# docs/method.md §6: the paper's teacher -> student pairs.
 REAL_CONFIGS = {
     "qwen3-8b-to-1.7b.yaml": ("Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B"),
     "qwen3-8b-to-0.6b.yaml": ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B"),

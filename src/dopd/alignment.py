@@ -2,8 +2,8 @@
 
 Every view (student, privileged student, teacher) is the batch ``[left-padded prompt | the
 identical completion ids]``. The completion is never decoded and re-tokenized, so completion
-position ``t`` holds the same token in every view and the per-token logits line up (METHOD.md
-section 9). Left padding is invisible to the model: it is masked out of attention and
+position ``t`` holds the same token in every view and the per-token logits line up (docs/method.md
+§9). Left padding is invisible to the model: it is masked out of attention and
 ``position_ids`` restart at 0 on the first real token, so each row scores exactly as it would
 alone and unpadded.
 

@@ -5,7 +5,7 @@ and an optional ``answer``. The student sees ``prompt``; the privileged views se
 ``privileged_template`` filled with both (for chat prompts, only the last user turn changes).
 Both prompts go through one tokenization function with the same chat-template kwargs, so the two
 views differ only where the privileged context is, never in template or special-token handling
-(METHOD.md section 9).
+(docs/method.md §9).
 """
 
 from __future__ import annotations

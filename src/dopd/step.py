@@ -1,6 +1,6 @@
 """One optimizer step of on-policy distillation, exact under micro-batching and data parallelism.
 
-Order of work (METHOD.md sections 2 and 5):
+Order of work (docs/method.md §2 and §5):
 1. score the constant views (privileged student, teacher, reference) of every micro-batch under
    no grad, and collect the objective's per-token statistics;
 2. merge statistics across micro-batches and ranks, fix the step's thresholds and the step's

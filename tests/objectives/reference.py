@@ -1,4 +1,5 @@
-"""Plain float64 references for the objective tests, restated from METHOD.md and issue 2.
+"""Plain float64 references for the objective tests, restated from docs/method.md and
+docs/objectives.md.
 
 Nothing here imports dopd. Every function works on probabilities with numpy and explicit loops,
 so a test compares the code under test with an independent computation, never with itself.
@@ -108,7 +109,7 @@ def full_divergence(student_logits, target_logits, beta: float):
 
 
 def surrogate_coefficient(student_p_y: float, target_p_y: float, beta: float) -> float:
-    """``c(y)`` of the sampled-token surrogate ``sg(c(y)) log S(y)`` (METHOD.md section 7)."""
+    """``c(y)`` of the sampled-token surrogate ``sg(c(y)) log S(y)`` (docs/method.md §7)."""
     if beta == 0.0:
         return -target_p_y / student_p_y
     if beta == 1.0:
@@ -155,7 +156,7 @@ def reduction_weights(mask, reduction: str) -> np.ndarray:
 
 
 class DOPDReference:
-    """DOPD (issue 2) on numpy ``[B, T, V]`` float64 arrays, one token at a time.
+    """DOPD on numpy ``[B, T, V]`` float64 arrays, one token at a time.
 
     Routes: LH reverse KL top-K to the teacher (beta_light), LL reverse KL top-K to the privileged
     student (beta_weak), HT JS over the full vocabulary to the teacher (beta_deep), HS reverse KL

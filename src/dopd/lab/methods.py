@@ -1,8 +1,8 @@
 """The methods the lab compares, as named config variations, grouped into suites.
 
 A method is a registry objective plus the config keys that make it that method (views, options),
-and the hint form its privileged context uses. Suites mirror the paper's analyses (METHOD.md
-sections 7-8); ``main`` is the default benchmark, ``demo`` its fast subset.
+and the hint form its privileged context uses. Suites mirror the paper's analyses (docs/method.md
+§7–§8); ``main`` is the default benchmark, ``demo`` its fast subset.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where routing puts its regimes: DOPD's regime fractions and mean ``q_T``, ``q_S`` and gap per
 token role of the task (e.g. plan tokens vs computed results), from ``rollout_records``.
 
-METHOD.md section 3 expects the capability gap (tokens the teacher still does better with the same
+docs/method.md §3 expects the capability gap (tokens the teacher still does better with the same
 hint) in HT and the information the hint gives away in LH; this table shows whether that happens.
 """
 

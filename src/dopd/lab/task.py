@@ -2,7 +2,7 @@
 
 A task draws ``Problem``s from a ``random.Random``. Each problem carries the prompt ``x`` the
 deployed student sees, a full target ``solution`` (scratchpad, then the answer on its last line),
-the reference ``answer``, and one privileged context per *hint form* (METHOD.md section 1; the
+the reference ``answer``, and one privileged context per *hint form* (docs/method.md §1; the
 paper's Tables 4-5 compare these forms):
 
 | hint form | what the privileged context holds |

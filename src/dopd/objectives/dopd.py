@@ -1,4 +1,4 @@
-"""DOPD: route each token by the privilege advantage gap (METHOD.md sections 2-5).
+"""DOPD: route each token by the privilege advantage gap (docs/method.md §2–§5).
 
 LH  privileged teacher        reverse KL, top-K   weight beta_light
 LL  privileged student (sg)   reverse KL, top-K   weight beta_weak
@@ -31,7 +31,7 @@ from dopd.objectives.views import TokenViews
 
 @dataclass(frozen=True, kw_only=True)
 class DOPDConfig(ObjectiveOptions):
-    """DOPD's options (defaults: the paper's values; METHOD.md section 3).
+    """DOPD's options (defaults: the paper's values; docs/method.md §3).
 
     Attributes:
         beta_light: weight of LH and HS (0.6).

@@ -1,4 +1,4 @@
-"""DOPD's four-regime router (METHOD.md section 3): a pure function of per-token statistics.
+"""DOPD's four-regime router (docs/method.md §3): a pure function of per-token statistics.
 
 LH  A <  A_bar  and  q_S + q_T >= q_S_bar + q_T_bar   light teacher
 LL  A <  A_bar  and  q_S + q_T <  q_S_bar + q_T_bar   weak self-anchor

@@ -1,6 +1,6 @@
 """DOPD's per-token privilege statistics and the step-level routing thresholds.
 
-METHOD.md section 2: for every valid completion token, ``q_S`` and ``q_T`` are the privileged
+docs/method.md §2: for every valid completion token, ``q_S`` and ``q_T`` are the privileged
 student's and privileged teacher's probabilities of the sampled token and ``A = |log q_T - log
 q_S|``. Each threshold is a trimmed mean over *all* valid tokens of one optimizer step (every
 micro-batch and every data-parallel rank): drop the values above the ``trim_quantile`` quantile,

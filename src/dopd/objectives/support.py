@@ -1,7 +1,7 @@
 """Top-K supports: which vocabulary entries a top-K divergence is computed over, and the
 restriction of a distribution to them (renormalised, or with a tail bucket).
 
-METHOD.md section 4: the default support is the student's K most probable tokens; the teacher's
+docs/method.md §4: the default support is the student's K most probable tokens; the teacher's
 top-K and the union of both are options, and so is a (K+1)-th tail entry holding the remaining
 mass instead of renormalising over the support.
 """

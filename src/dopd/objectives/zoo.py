@@ -1,4 +1,4 @@
-"""The baseline objectives (METHOD.md section 7), each a small routing rule over shared kernels.
+"""The baseline objectives (docs/method.md §7), each a small routing rule over shared kernels.
 
 * ``Uniform`` — every token gets one term: vanilla OPD, Priv.T->S, GKD, OPCD, self-distillation
   (OPSD / SDPO-style) and the divergence x granularity grid are presets of it (``registry``).

@@ -20,7 +20,8 @@ from typing import Any
 from dopd.errors import DataError
 from dopd.viz.plots import GROUP_PALETTE, REGIME_COLORS, assign_colors
 
-# The METHOD.md table in one line each: when a token lands in the regime, and what it learns.
+# The routing table of docs/method.md §3, one line each: when a token lands in the regime, and
+# what it learns.
 DEFAULT_LEGEND = {
     "LH": "light teacher: small gap, both confident; distil lightly to the privileged teacher",
     "LL": "weak self-anchor: small gap, both unsure; anchor weakly to the privileged student",
