@@ -11,8 +11,9 @@ import pytest
 from dopd.lab import commands
 from dopd.lab.methods import SUITES
 from dopd.lab.pretrain import lab_model_dir
-from dopd.lab.report import summarize
+from dopd.lab.report import summarize, table_rows
 from dopd.lab.runner import DATA_SEEDS, LabSettings, RunResult, method_config, write_data
+from dopd.lab.stats import paired_bootstrap
 from dopd.lab.task import load_task
 from tests.tolerance import REORDERED, assert_close
 
@@ -52,6 +53,30 @@ def test_summary_gain_and_gap_closed_follow_their_definitions():
     assert method["regime_fractions"].keys() == {"LH"}
     assert_close(method["regime_fractions"]["LH"], 0.5, ulps=REORDERED)
     assert_close(method["final_entropy"], 2.0, ulps=REORDERED)
+    assert method["ci95"] is None  # no vanilla_opd runs to compare with
+
+
+def test_summary_interval_is_the_paired_bootstrap_against_vanilla_opd():
+    base = [True, False, True, False] * 8  # 32 test problems
+    better = [True, True, True, False] * 8
+    runs = [
+        RunResult("vanilla_opd", 0, 1e-4, 0.5, [{"student_entropy": 1.0}], correct=base),
+        RunResult("vanilla_opd", 1, 1e-4, 0.5, [{"student_entropy": 1.0}], correct=base),
+        RunResult("dopd", 0, 1e-4, 0.75, [{"student_entropy": 1.0}], correct=better),
+        RunResult("dopd", 1, 1e-4, 0.5, [{"student_entropy": 1.0}], correct=base),
+    ]
+    methods = summarize(runs, teacher=0.9, student=0.4)["methods"]
+    assert methods["vanilla_opd"]["ci95"] is None
+    interval = methods["dopd"]["ci95"]
+    expected = paired_bootstrap([better, base], [base, base]).to_dict()
+    assert interval == {"vs": "vanilla_opd", **expected}
+    assert_close(interval["diff"], 0.125, ulps=REORDERED)  # (0.75 + 0.5) / 2 - 0.5
+    assert 0.0 <= interval["low"] < 0.125 < interval["high"]
+    rows = table_rows(summarize(runs, teacher=0.9, student=0.4))
+    assert "vs vanilla_opd [95% CI]" in rows[0]
+    dopd_row = next(row for row in rows if row[0] == "dopd")
+    low, high = interval["low"], interval["high"]
+    assert f"+0.125 [{low:+.3f}, {high:+.3f}]" in dopd_row
 
 
 @pytest.mark.skipif(
@@ -75,9 +100,15 @@ def test_demo_path_writes_a_valid_results_json(tmp_path):
     assert {"vanilla_opd", "dopd", "priv_teacher_opd", "self_distillation"} <= set(
         results["methods"]
     )
-    for method in results["methods"].values():
+    for name, method in results["methods"].items():
         assert 0.0 <= method["accuracy"] <= 1.0
         assert "gap_closed" in method
+        if name != "vanilla_opd":
+            interval = method["ci95"]
+            assert interval["vs"] == "vanilla_opd"
+            assert interval["low"] <= interval["high"]
+            vanilla = results["methods"]["vanilla_opd"]["accuracy"]
+            assert_close(interval["diff"], method["accuracy"] - vanilla, ulps=REORDERED)
     assert set(results["methods"]["dopd"]["regime_fractions"]) == {"LH", "LL", "HT", "HS"}
     placement = results["regime_placement"]["trained dopd student"]
     assert {"plan", "result"} <= set(placement) and all(

@@ -1,5 +1,6 @@
 """Aggregating lab runs: per-method mean ± std over seeds, gain over the student, share of the
-teacher-student gap closed, regime fractions; as ``results.json``, a terminal table and markdown."""
+teacher-student gap closed, the paired 95% interval of the difference to vanilla OPD, regime
+fractions; as ``results.json``, a terminal table and markdown."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import statistics
 from collections import defaultdict
 
 from dopd.lab.runner import RunResult
+from dopd.lab.stats import paired_bootstrap
+
+BASELINE = "vanilla_opd"  # every method's paired interval is its difference to this one
 
 
 def _mean_fractions(results: list[RunResult]) -> dict[str, float]:
@@ -39,8 +43,25 @@ def summarize(results: list[RunResult], teacher: float, student: float) -> dict:
             "regime_fractions": _mean_fractions(runs),
             "final_entropy": statistics.fmean(run.records[-1]["student_entropy"] for run in runs),
             "wall_seconds": statistics.fmean(run.wall_seconds for run in runs),
+            "ci95": _interval_to_baseline(runs, by_method.get(BASELINE)),
         }
     return {"teacher_accuracy": teacher, "student_accuracy": student, "methods": methods}
+
+
+def _interval_to_baseline(runs: list[RunResult], baseline: list[RunResult] | None) -> dict | None:
+    """The paired bootstrap interval of ``runs`` minus the baseline over the same test problems
+    (each side averaged over its seeds); None without a baseline, for the baseline itself, or
+    when verdicts were not recorded."""
+    if not baseline or runs[0].method == BASELINE or not all(r.correct for r in runs + baseline):
+        return None
+    interval = paired_bootstrap([r.correct for r in runs], [r.correct for r in baseline])
+    return {"vs": BASELINE, **interval.to_dict()}
+
+
+def _interval_text(interval: dict | None) -> str:
+    if interval is None:
+        return "-"
+    return f"{interval['diff']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
 
 
 def _fractions_text(fractions: dict[str, float]) -> str:
@@ -51,7 +72,17 @@ def _fractions_text(fractions: dict[str, float]) -> str:
 
 def table_rows(summary: dict) -> list[list[str]]:
     """Header and one row per method, best accuracy first."""
-    rows = [["method", "accuracy", "gain", "gap closed", "lr", "regime fractions"]]
+    rows = [
+        [
+            "method",
+            "accuracy",
+            "gain",
+            "gap closed",
+            f"vs {BASELINE} [95% CI]",
+            "lr",
+            "regime fractions",
+        ]
+    ]
     ordered = sorted(summary["methods"].items(), key=lambda item: -item[1]["accuracy"])
     for name, m in ordered:
         spread = f" ± {m['accuracy_std']:.3f}" if len(m["seeds"]) > 1 else ""
@@ -62,6 +93,7 @@ def table_rows(summary: dict) -> list[list[str]]:
                 f"{m['accuracy']:.3f}{spread}",
                 f"{m['gain']:+.3f}",
                 closed,
+                _interval_text(m["ci95"]),
                 f"{m['lr']:g}",
                 _fractions_text(m["regime_fractions"]),
             ]

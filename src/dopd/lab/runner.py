@@ -9,6 +9,7 @@ the test split is only read for the final numbers.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ class LabSettings:
 
 @dataclass
 class RunResult:
-    """One finished run: test accuracy, its metric records and where it lives."""
+    """One finished run: test accuracy, its metric records and where it lives; ``correct`` holds
+    one verdict per test problem, in the test file's order, for paired comparisons."""
 
     method: str
     seed: int
@@ -59,6 +61,7 @@ class RunResult:
     records: list[dict] = field(default_factory=list)
     wall_seconds: float = 0.0
     run_dir: str = ""
+    correct: list[bool] = field(default_factory=list)
 
 
 def write_data(
@@ -161,8 +164,11 @@ def method_config(
     )
 
 
-def test_accuracy(model, tokenizer, task: Task, test_file: Path, settings: LabSettings) -> float:
-    """Greedy accuracy of ``model`` on the test split without privileged context."""
+def held_out_verdicts(
+    model, tokenizer, task: Task, test_file: Path, settings: LabSettings
+) -> list[bool]:
+    """Whether ``model``, decoding greedily without privileged context, solves each problem of
+    the test split (in the file's order)."""
     examples = load_examples(str(test_file))
     prompts, _ = tokenize_views(examples, tokenizer)
     result = evaluate(
@@ -174,7 +180,7 @@ def test_accuracy(model, tokenizer, task: Task, test_file: Path, settings: LabSe
         max_new_tokens=settings.max_completion_length,
         batch_size=64,
     )
-    return result.accuracy
+    return [sample["correct"] for sample in result.samples]
 
 
 def baseline_accuracies(
@@ -183,12 +189,14 @@ def baseline_accuracies(
     """Test accuracy of the pretrained teacher and student, without privileged context."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "student")
     return {
-        role: test_accuracy(
-            AutoModelForCausalLM.from_pretrained(model_dir / role),
-            tokenizer,
-            task,
-            files["test"],
-            settings,
+        role: statistics.fmean(
+            held_out_verdicts(
+                AutoModelForCausalLM.from_pretrained(model_dir / role),
+                tokenizer,
+                task,
+                files["test"],
+                settings,
+            )
         )
         for role in ("teacher", "student")
     }
@@ -221,8 +229,10 @@ def run_method(
     trainer.train()
     student = trainer.accelerator.unwrap_model(trainer.student)
     with torch.no_grad():
-        accuracy = test_accuracy(student, trainer.tokenizer, task, files["test"], settings)
+        correct = held_out_verdicts(student, trainer.tokenizer, task, files["test"], settings)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    wall_seconds = time.perf_counter() - start
+    accuracy = statistics.fmean(correct)
     return RunResult(
-        method.name, seed, lr, accuracy, records, time.perf_counter() - start, str(output_dir)
+        method.name, seed, lr, accuracy, records, wall_seconds, str(output_dir), correct
     )
