@@ -81,6 +81,17 @@ def run_suite(
     suite: str, settings: LabSettings, output_dir: Path, *, tune: bool, command: str
 ) -> dict:
     """Train every method of ``suite`` for every seed and write the report files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _run_suite(suite, settings, output_dir, tune=tune, command=command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_suite(
+    suite: str, settings: LabSettings, output_dir: Path, *, tune: bool, command: str
+) -> dict:
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-run checkpoint chatter
     task, methods = load_task(settings.task), SUITES[suite]
     output_dir.mkdir(parents=True, exist_ok=True)

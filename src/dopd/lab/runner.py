@@ -47,6 +47,9 @@ class LabSettings:
     lr: float = 1e-4
     lr_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
     seeds: tuple[int, ...] = (0, 1, 2)
+    # One torch thread: tiny models gain nothing from more, and next to any other busy process
+    # two threads that wait on each other ran a tiny training step 24x slower (docs/lab.md).
+    threads: int = 1
 
 
 @dataclass
