@@ -24,6 +24,7 @@ from dopd.lab.pretrain import (
     training_row,
     warmup_cosine,
 )
+from dopd.lab.task import Problem, Task
 from dopd.tiny import build_char_tokenizer
 from tests.tolerance import REORDERED, assert_close
 
@@ -58,7 +59,7 @@ def test_collate_labels_only_the_solution_and_eos():
 
 def test_training_rows_mix_plain_and_hinted_prompts():
     rng, options = random.Random(0), PretrainOptions()
-    rows = [training_row(TASK, rng, options) for _ in range(4000)]
+    rows = [training_row(TASK, rng, options, "student") for _ in range(4000)]
     prompts = [prompt.split("\n\n") for prompt, _ in rows]
     # Pretraining never sees a test prompt (crc32 % 8 == 0 is the test split).
     assert all(zlib.crc32(parts[0].encode()) % 8 for parts in prompts)
@@ -67,6 +68,35 @@ def test_training_rows_mix_plain_and_hinted_prompts():
     decomposition = [hint for hint in hints if "then" in hint and any(c.isdigit() for c in hint)]
     assert abs(len(decomposition) / len(rows) - 0.3) < 0.03
     assert {"no hint", "mul then add"} <= set(hints)  # other forms are shown too
+
+
+class Curriculum(Task):
+    """Teacher problems are ``t<n>``, the student's ``s<n>``; hinted views answer in reverse."""
+
+    name, characters = "curriculum", "st0123456789\n hinor>"
+
+    def problem(self, rng):
+        return self.pretraining_problem("teacher", rng)
+
+    def pretraining_problem(self, role, rng):
+        prompt = f"{role[0]}{rng.randrange(10**6)}>"
+        hints = {form: "hint" for form in self.hint_forms}
+        solved = {form: "ro" for form in self.hint_forms}
+        return Problem(prompt, solution="or", answer="or", hints=hints, hinted_solutions=solved)
+
+
+def test_training_rows_follow_each_role_s_curriculum_and_view_solution():
+    task, options = Curriculum(), PretrainOptions()
+    for role in ("teacher", "student"):
+        rng = random.Random(1)
+        rows = [training_row(task, rng, options, role) for _ in range(200)]
+        assert all(prompt.startswith(role[0]) for prompt, _ in rows)
+        # Plain rows learn ``solution``; hinted rows the hinted view's own solution.
+        assert {solution for prompt, solution in rows if "\n\n" not in prompt} == {"or"}
+        assert {solution for prompt, solution in rows if "\n\n" in prompt} == {"ro"}
+    problem = task.problem(random.Random(0))
+    assert problem.solution_for(None) == "or" and problem.solution_for("answer") == "ro"
+    assert Problem("x", "y", "y", {"none": "h"}).solution_for("none") == "y"
 
 
 def test_warmup_cosine_endpoints():

@@ -121,7 +121,7 @@ def _pretrain_pair(
     for role, recipe, model_seed in (("teacher", teacher, seed), ("student", student, seed + 1)):
         model = build_model(recipe, tokenizer, model_seed)
         train_start = time.perf_counter()
-        train(model, tokenizer, task, recipe, options, seed=seed, label=role)
+        train(model, tokenizer, task, recipe, options, seed=seed, role=role)
         report[role] = {
             **asdict(recipe),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
@@ -165,10 +165,10 @@ def train(
     options: PretrainOptions,
     *,
     seed: int,
-    label: str,
+    role: str,
 ) -> None:
-    """``recipe.steps`` AdamW steps of solution-token cross-entropy on ``"train"`` problems,
-    warmup then cosine decay."""
+    """``recipe.steps`` AdamW steps of solution-token cross-entropy on ``role``'s pretraining
+    problems (``Task.pretraining_problem``), warmup then cosine decay."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.learning_rate, weight_decay=options.weight_decay
@@ -177,9 +177,9 @@ def train(
         optimizer, lambda step: warmup_cosine(step, options.warmup_steps, recipe.steps)
     )
     model.train()
-    bar = tqdm(range(recipe.steps), desc=f"pretrain {label}", disable=not options.progress)
+    bar = tqdm(range(recipe.steps), desc=f"pretrain {role}", disable=not options.progress)
     for _ in bar:
-        rows = [training_row(task, rng, options) for _ in range(options.batch_size)]
+        rows = [training_row(task, rng, options, role) for _ in range(options.batch_size)]
         loss = model(**collate(rows, tokenizer)).loss
         loss.backward()
         # Clipping keeps the first steps of a from-scratch model at a high lr from diverging.
@@ -199,10 +199,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def training_row(task: Task, rng: random.Random, options: PretrainOptions) -> tuple[str, str]:
-    """One ``(prompt text, solution)`` pair: a fresh ``"train"`` problem, shown plain or with one
-    of its hints."""
-    problem = task.draw(rng, "train")
+def training_row(
+    task: Task, rng: random.Random, options: PretrainOptions, role: str
+) -> tuple[str, str]:
+    """One ``(prompt text, solution)`` pair: a fresh pretraining problem of ``role``, shown plain
+    or with one of its hints, with the solution of that view."""
+    problem = task.pretraining_problem(role, rng)
     roll = rng.random()
     if roll < options.plain_share:
         return problem.prompt, problem.solution
@@ -211,7 +213,7 @@ def training_row(task: Task, rng: random.Random, options: PretrainOptions) -> tu
     default_share = options.default_hint_share / (1.0 - options.plain_share)
     form = task.default_hint if hinted_share < default_share or not others else rng.choice(others)
     example = Example(problem.prompt, problem.hints[form], problem.answer)
-    return privileged_prompt(example), problem.solution
+    return privileged_prompt(example), problem.solution_for(form)
 
 
 def collate(rows: list[tuple[str, str]], tokenizer) -> dict[str, torch.Tensor]:

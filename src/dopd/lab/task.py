@@ -31,7 +31,9 @@ Adding a task, without editing dopd — write a file outside the package::
 
 and name it as ``my_tasks.py:Reverse`` wherever a task is expected (``load_task``, the lab
 config, ``dopd pretrain``). A task defines ``name``, ``characters`` and ``problem``; it may
-override ``verify``, ``hint_forms``, ``default_hint`` and ``token_roles``. Rules a task must keep:
+override ``verify``, ``hint_forms``, ``default_hint``, ``token_roles`` and
+``pretraining_problem`` (each model's pretraining distribution), and a problem may give a hinted
+view its own target (``Problem.hinted_solutions``). Rules a task must keep:
 
 - ``problem`` is a pure function of the generator's state, so ``examples(seed, n)`` is the same on
   every run; every hint form of ``hint_forms`` has a non-blank entry in ``Problem.hints``;
@@ -52,7 +54,7 @@ import random
 import sys
 import zlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dopd.data import Example
@@ -84,12 +86,22 @@ class Problem:
         solution: the full target completion: scratchpad, then a last line holding the answer.
         answer: the reference answer ``verify`` compares against.
         hints: hint form -> privileged context (non-blank), one entry per ``Task.hint_forms``.
+        hinted_solutions: hint form -> the target completion of a model that reads that hint,
+            where it differs from ``solution`` (a hint that fixes one of several valid solution
+            paths); forms not listed use ``solution``.
     """
 
     prompt: str
     solution: str
     answer: str
     hints: dict[str, str]
+    hinted_solutions: dict[str, str] = field(default_factory=dict)
+
+    def solution_for(self, hint_form: str | None) -> str:
+        """The target completion of the plain view (``None``) or of the view with that hint."""
+        if hint_form is None:
+            return self.solution
+        return self.hinted_solutions.get(hint_form, self.solution)
 
 
 class Task(ABC):
@@ -107,6 +119,14 @@ class Task(ABC):
     def verify(self, completion: str, answer: str) -> bool:
         """Whether ``completion`` solves the problem whose reference answer is ``answer``."""
         return exact_match(completion, answer)
+
+    def pretraining_problem(self, role: str, rng: random.Random) -> Problem:
+        """One pretraining problem for ``role`` (``"teacher"`` or ``"student"``): each model's
+        pretraining distribution, or curriculum. The default shows both models the same
+        ``"train"`` problems; a task whose pair should differ in what it was shown, not in
+        capacity, draws the student's from a narrower distribution. Must draw only ``"train"``
+        prompts (``draw(rng, "train")`` or a filter of the same kind)."""
+        return self.draw(rng, "train")
 
     def problems(self, seed: int, count: int, *, split: str | None = None) -> list[Problem]:
         """``count`` problems, the same for the same ``seed``; with ``split``, only problems whose
