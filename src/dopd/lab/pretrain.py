@@ -78,9 +78,15 @@ def lab_model_dir(task_name: str) -> Path:
 
 
 def main_pretrain(task_spec: str, output_dir: str, seed: int) -> dict:
-    """Load ``task_spec`` (see ``load_task``), pretrain its pair into ``output_dir``, and return
-    the report that is also written to ``output_dir/pretrain.json``."""
-    return pretrain_pair(load_task(task_spec), output_dir, seed=seed)
+    """Load ``task_spec`` (see ``load_task``), pretrain its pair into ``output_dir`` (with the
+    task's ``pretraining_recipes`` where it has them), and return the report that is also
+    written to ``output_dir/pretrain.json``."""
+    task = load_task(task_spec)
+    recipes = {
+        role: ModelRecipe(**task.pretraining_recipes[role]) if task.pretraining_recipes else default
+        for role, default in (("teacher", TEACHER), ("student", STUDENT))
+    }
+    return pretrain_pair(task, output_dir, seed=seed, **recipes)
 
 
 def pretrain_pair(

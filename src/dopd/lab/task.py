@@ -111,6 +111,9 @@ class Task(ABC):
     characters: str
     hint_forms: tuple[str, ...] = HINT_FORMS
     default_hint: str = "decomposition"
+    # Role -> keyword arguments of ``dopd.lab.pretrain.ModelRecipe`` (architecture and training
+    # length) for ``dopd pretrain``; None: the lab's default wider teacher and smaller student.
+    pretraining_recipes: dict[str, dict] | None = None
 
     @abstractmethod
     def problem(self, rng: random.Random) -> Problem:
@@ -176,10 +179,11 @@ class Task(ABC):
 
 
 def _builtin_tasks() -> dict[str, type[Task]]:
-    # Imported here: arithmetic imports this module for Task and Problem.
+    # Imported here: the tasks import this module for Task and Problem.
     from dopd.lab.arithmetic import PlanArithmetic
+    from dopd.lab.shiftmap import ShiftMap
 
-    return {PlanArithmetic.name: PlanArithmetic}
+    return {task.name: task for task in (PlanArithmetic, ShiftMap)}
 
 
 def task_names() -> list[str]:
