@@ -8,11 +8,12 @@ import random
 import zlib
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dopd.data import DEFAULT_PRIVILEGED_TEMPLATE
+from dopd.data import DEFAULT_PRIVILEGED_TEMPLATE, Example, privileged_prompt
 from dopd.lab.arithmetic import PlanArithmetic
 from dopd.lab.pretrain import (
     EVAL_SEED_OFFSET,
@@ -22,9 +23,10 @@ from dopd.lab.pretrain import (
     lab_model_dir,
     pretrain_pair,
     training_row,
+    view_accuracy,
     warmup_cosine,
 )
-from dopd.lab.task import Problem, Task
+from dopd.lab.task import Problem, Task, load_task
 from dopd.tiny import build_char_tokenizer
 from tests.tolerance import REORDERED, assert_close
 
@@ -151,11 +153,42 @@ def test_lab_model_dir_is_inside_the_package():
     assert SHIPPED == Path(dopd.lab.__file__).parent / "checkpoints" / "arithmetic"
 
 
-def test_shipped_checkpoints_are_complete_and_small():
+@pytest.mark.parametrize("task", ["arithmetic", "shiftmap"])
+def test_shipped_checkpoints_are_complete_and_small(task):
+    shipped = lab_model_dir(task)
     for role in ("teacher", "student"):
-        assert MODEL_FILES <= {path.name for path in (SHIPPED / role).iterdir()}
-    size = sum(path.stat().st_size for path in SHIPPED.rglob("*") if path.is_file())
+        assert MODEL_FILES <= {path.name for path in (shipped / role).iterdir()}
+    size = sum(path.stat().st_size for path in shipped.rglob("*") if path.is_file())
     assert size <= 6 * 2**20
+
+
+def test_shipped_shiftmap_pair_shares_one_architecture_and_differs_in_curriculum():
+    shipped = lab_model_dir("shiftmap")
+    report = json.loads((shipped / "pretrain.json").read_text())
+    configs = [
+        AutoModelForCausalLM.from_pretrained(shipped / role).config.to_dict()
+        for role in ("teacher", "student")
+    ]
+    shape = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+    assert [{key: c[key] for key in shape} for c in configs][0] == {
+        key: configs[1][key] for key in shape
+    }
+    assert report["teacher"]["steps"] == report["student"]["steps"]
+    # Recomputed on held-out problems: the teacher solves what the curriculum kept from the
+    # student (wrapping shifts), and the hint does not help the student with that skill.
+    task = load_task("shiftmap")
+    problems = task.problems(report["seed"] + EVAL_SEED_OFFSET, 64, split="test")
+    hinted = [privileged_prompt(Example(p.prompt, p.hints["decomposition"])) for p in problems]
+    accuracy = {}
+    for role in ("teacher", "student"):
+        model = AutoModelForCausalLM.from_pretrained(shipped / role)
+        tokenizer = AutoTokenizer.from_pretrained(shipped / role)
+        for view, prompts in (("plain", [p.prompt for p in problems]), ("hinted", hinted)):
+            accuracy[role, view] = view_accuracy(
+                model, tokenizer, task, prompts, problems, PretrainOptions(eval_batch_size=64)
+            )
+    assert accuracy["teacher", "plain"] >= 0.95 and accuracy["student", "plain"] <= 0.6
+    assert accuracy["student", "hinted"] <= 0.6
 
 
 def greedy_accuracy(role: str, prompts: list[str], answers: list[str]) -> float:
