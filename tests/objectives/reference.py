@@ -128,7 +128,8 @@ def trimmed_mean(values, trim_quantile: float) -> float:
 
 
 def regime(gap: float, q_student: float, q_teacher: float, thresholds) -> int:
-    """Issue 2's routing with its tie rules; ``thresholds`` is ``(A_bar, qS_bar, qT_bar)``."""
+    """DOPD's routing with its tie rules (docs/method.md §3); ``thresholds`` is ``(A_bar, qS_bar,
+    qT_bar)``."""
     gap_bar, q_student_bar, q_teacher_bar = thresholds
     if gap < gap_bar:
         return LH if q_student + q_teacher >= q_student_bar + q_teacher_bar else LL
