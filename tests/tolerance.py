@@ -27,8 +27,10 @@ REORDERED = 256
 # ANALYTIC: a closed form against an independently written reference (exp, log, softmax).
 ANALYTIC = 1024
 
-_EPS = {dtype: torch.finfo(dtype).eps for dtype in (torch.float64, torch.float32, torch.bfloat16)}
-_EPS[torch.float16] = torch.finfo(torch.float16).eps
+_EPS = {
+    dtype: torch.finfo(dtype).eps
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+}
 
 
 def _dtype(value) -> torch.dtype:

@@ -16,7 +16,7 @@ import torch
 
 from dopd.lab.methods import SUITES, Method
 from dopd.lab.placement import placement_table, regime_placement
-from dopd.lab.pretrain import lab_model_dir, main_pretrain
+from dopd.lab.pretrain import lab_model_dir, main_pretrain, torch_threads
 from dopd.lab.report import format_table, markdown_table, summarize
 from dopd.lab.rollout_view import rollout_records
 from dopd.lab.runner import (
@@ -81,12 +81,8 @@ def run_suite(
     suite: str, settings: LabSettings, output_dir: Path, *, tune: bool, command: str
 ) -> dict:
     """Train every method of ``suite`` for every seed and write the report files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
+    with torch_threads(settings.threads):
         return _run_suite(suite, settings, output_dir, tune=tune, command=command)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_suite(

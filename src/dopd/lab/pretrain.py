@@ -21,6 +21,7 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -104,12 +105,19 @@ def pretrain_pair(
     count, training time and held-out greedy accuracy per view: ``no_hint`` is the plain prompt,
     every hint form (``none`` included) the privileged prompt with that form's context.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads)
-    try:
+    with torch_threads(options.threads):
         return _pretrain_pair(task, Path(output_dir), seed, teacher, student, options)
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Run the block with ``count`` torch threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 def _pretrain_pair(

@@ -38,7 +38,7 @@ import random
 
 from dopd.errors import ConfigError
 from dopd.evaluation import extract_answer
-from dopd.lab.task import Problem, Task, split_of
+from dopd.lab.task import Problem, Task
 
 ALPHABET = "abcdefghijklmnop"  # 16 letters; shifts are mod 16
 KEYS = 10  # key = (d1 + d2) % 10
@@ -105,11 +105,8 @@ class ShiftMap(Task):
 
     def pretraining_problem(self, role: str, rng: random.Random) -> Problem:
         """The teacher's problems are the task's; the student's never hold a wrapping shift."""
-        for _ in range(10_000):
-            problem = self._problem(rng, wrapping=role != "student")
-            if split_of(problem.prompt) == "train":
-                return problem
-        raise ConfigError("shiftmap drew no train prompt in 10000 tries")
+        wrapping = role != "student"
+        return self.draw(rng, "train", source=lambda r: self._problem(r, wrapping=wrapping))
 
     def _problem(self, rng: random.Random, *, wrapping: bool) -> Problem:
         # Without wrapping the key is still uniform; only letters that stay inside the alphabet

@@ -139,10 +139,12 @@ class Task(ABC):
         rng = random.Random(seed)
         return [self.draw(rng, split) for _ in range(count)]
 
-    def draw(self, rng: random.Random, split: str | None = None) -> Problem:
-        """One problem from ``rng``, redrawn until its prompt lies in ``split`` (None: any)."""
+    def draw(self, rng: random.Random, split: str | None = None, *, source=None) -> Problem:
+        """One problem from ``rng``, redrawn until its prompt lies in ``split`` (None: any).
+        ``source`` (``rng -> Problem``, default ``problem``) is the distribution drawn from."""
+        source = source or self.problem
         for _ in range(MAX_REDRAWS):
-            problem = self.problem(rng)
+            problem = source(rng)
             if split is None or split_of(problem.prompt) == split:
                 return problem
         raise ConfigError(
