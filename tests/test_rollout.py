@@ -1,5 +1,5 @@
-"""Tests of dopd.rollout (hash uniforms, exact Gumbel-max sampling, batch-invariant rollouts) and
-of dopd.trainer.PromptSampler (the per-step prompt schedule)."""
+"""Tests of dopd.rollout (hash uniforms, exact Gumbel-max sampling, batch-invariant rollouts, token
+classes) and of dopd.trainer.PromptSampler (the per-step prompt schedule)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from dopd.rollout import HashGumbelSampler, generate_rollouts, hash_uniform, rollout_seeds
+from dopd.errors import ConfigError, DOPDError
+from dopd.rollout import (
+    HashGumbelSampler,
+    Rollouts,
+    completion_token_classes,
+    generate_rollouts,
+    hash_uniform,
+    rollout_seeds,
+)
 from dopd.tiny import build_char_tokenizer, build_tiny_model
 from dopd.trainer import PromptSampler
 from tests.tolerance import tolerance
@@ -468,3 +476,43 @@ def test_prompt_sampler_seeds_give_different_orders():
         for seed in range(5)
     }
     assert len(orders) == 5
+
+
+def _class_rollouts(tokenizer, completions: list[str]) -> Rollouts:
+    """Right-padded completions, each closed by EOS, as ``Rollouts``."""
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in completions]
+    rows = [ids + [tokenizer.eos_token_id] for ids in rows]
+    width = max(len(ids) for ids in rows)
+    ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in rows])
+    mask = torch.arange(width) < torch.tensor([len(ids) for ids in rows]).unsqueeze(1)
+    return Rollouts(ids, mask, torch.arange(len(rows)), torch.zeros(len(rows), dtype=torch.bool))
+
+
+def test_completion_token_classes_label_every_valid_token_and_only_those():
+    tokenizer = build_char_tokenizer(CHARACTERS)
+    rollouts = _class_rollouts(tokenizer, ["1+2=3", "7=", ""])
+    seen = []
+
+    def roles(tokens: list[str]) -> list[str]:
+        seen.append(tokens)
+        return ["digit" if token.isdigit() else "format" for token in tokens]
+
+    classes = completion_token_classes(rollouts, tokenizer, roles, ("format", "digit"))
+    eos = tokenizer.eos_token
+    assert seen == [["1", "+", "2", "=", "3", eos], ["7", "=", eos], [eos]]
+    assert classes.tolist() == [
+        [1, 0, 1, 0, 1, 0],
+        [1, 0, 0, -1, -1, -1],
+        [0, -1, -1, -1, -1, -1],
+    ]
+
+
+def test_completion_token_classes_refuse_what_routing_cannot_read():
+    tokenizer = build_char_tokenizer(CHARACTERS)
+    rollouts = _class_rollouts(tokenizer, ["1+2="])
+    with pytest.raises(ConfigError, match="'mystery'.*not a key of objective.oracle_regimes"):
+        completion_token_classes(rollouts, tokenizer, lambda t: ["mystery"] * len(t), ("format",))
+    with pytest.raises(ConfigError, match="token_roles returned None"):
+        completion_token_classes(rollouts, tokenizer, lambda t: None, ("format",))
+    with pytest.raises(DOPDError, match="returned 1 classes for a completion of 5 tokens"):
+        completion_token_classes(rollouts, tokenizer, lambda t: ["format"], ("format",))

@@ -60,8 +60,11 @@ def tiny_models(family: str, objective) -> tuple[torch.nn.Module, dict[str, torc
     return student, models
 
 
-def tiny_batches(models: dict, micro_batch_size: int = 4) -> list[step.MicroBatch]:
-    """6 rollout rows (one fully masked) of up to 10 tokens; privileged prompts add a hint."""
+def tiny_batches(
+    models: dict, micro_batch_size: int = 4, *, num_classes: int = 0
+) -> list[step.MicroBatch]:
+    """6 rollout rows (one fully masked) of up to 10 tokens; privileged prompts add a hint.
+    With ``num_classes``, each token's class is its id modulo ``num_classes`` (-1 at padding)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(4, VOCAB, (6, 10), generator=generator)  # [B, T]
     mask = torch.arange(10) < torch.tensor([10, 3, 7, 0, 10, 5]).unsqueeze(1)  # [B, T]
@@ -78,7 +81,8 @@ def tiny_batches(models: dict, micro_batch_size: int = 4) -> list[step.MicroBatc
     prompts = {
         name: value for name, value in prompts.items() if name == "student" or name in models
     }
-    return make_micro_batches(ids, mask, prompts, micro_batch_size, PAD)
+    classes = (ids % num_classes).masked_fill(~mask, -1) if num_classes else None
+    return make_micro_batches(ids, mask, prompts, micro_batch_size, PAD, token_classes=classes)
 
 
 def step_results(student, models, objective, batches, **kwargs):
@@ -125,6 +129,21 @@ def test_chunked_path_equals_reference_path(family, name, options):
     # float32 models: the two paths project with different matmul shapes, so they agree to
     # rounding (measured: at most 6 ulps of a gradient's largest entry, 21 of a loss metric).
     assert_same_step(chunked_step, reference_step, ulps=REORDERED)
+
+
+def test_oracle_routing_reads_each_rows_own_token_classes_on_both_paths():
+    regimes = {"a": "HT", "b": "LL", "c": "HS"}
+    objective = build_objective("dopd_oracle_routing", top_k=8, oracle_regimes=regimes)
+    student, models = tiny_models("qwen3", objective)
+    batches = tiny_batches(models, micro_batch_size=4, num_classes=3)  # 4 + 2 rows
+    chunked_step = step_results(student, models, objective, batches, path="chunked", chunk_rows=5)
+    reference_step = step_results(student, models, objective, batches, path="reference")
+    assert_same_step(chunked_step, reference_step, ulps=REORDERED)
+    classes = torch.cat([batch.token_classes[batch.completion_mask] for batch in batches])
+    for index, regime in enumerate(regimes.values()):
+        share = (classes == index).sum().item() / classes.numel()
+        assert chunked_step[0].metrics[f"fraction/{regime}"] == share
+    assert chunked_step[0].metrics["fraction/LH"] == 0.0
 
 
 def test_dopd_case_populates_every_regime():

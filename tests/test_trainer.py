@@ -1,5 +1,5 @@
 """The trainer end to end on tiny models: split invariance of one step, resume, 2 processes,
-learning, and every objective of the registry."""
+learning, every objective of the registry, and oracle routing from token roles."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from dopd.config import load_config
-from dopd.objectives.registry import OBJECTIVES
+from dopd.errors import ConfigError
+from dopd.objectives.registry import OBJECTIVES, build_objective
 from dopd.rollout import generate_rollouts, rollout_seeds
 from dopd.step import make_micro_batches, run_step
 from dopd.trainer import Trainer
@@ -150,7 +151,8 @@ def test_every_objective_trains_two_steps(tmp_path, name):
         "rollout.num_generations=2",
         "rollout.max_completion_length=6",
     )
-    trainer = Trainer(config)
+    roles = AlternatingRoles() if build_objective(name).uses_token_classes else None
+    trainer = Trainer(config, token_roles=roles)
     before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
     trainer.train()
     records = _metric_lines(tmp_path)
@@ -161,6 +163,69 @@ def test_every_objective_trains_two_steps(tmp_path, name):
     for group in trainer.objective.group_names:
         assert f"fraction/{group}" in records[-1]
     assert any(not torch.equal(p, before[n]) for n, p in trainer.student.named_parameters())
+
+
+class AlternatingRoles:
+    """Token roles by position: even tokens ``capability`` (oracle regime HT), odd ``format``
+    (LH); counts what it labelled."""
+
+    def __init__(self, odd: str = "format"):
+        self.odd, self.counts = odd, {"capability": 0, odd: 0}
+
+    def __call__(self, tokens: list[str]) -> list[str]:
+        roles = ["capability" if i % 2 == 0 else self.odd for i in range(len(tokens))]
+        for role in roles:
+            self.counts[role] += 1
+        return roles
+
+
+def test_oracle_routing_without_token_roles_is_a_config_error(tmp_path):
+    config = tiny_config(tmp_path / "run", "objective.name=dopd_oracle_routing")
+    with pytest.raises(ConfigError, match="objective.routing='oracle' needs token classes"):
+        Trainer(config)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_oracle_routing_refuses_a_class_it_does_not_map(tmp_path):
+    config = tiny_config(
+        tmp_path, "objective.name=dopd_oracle_routing", "rollout.prompts_per_step=1"
+    )
+    trainer = Trainer(config, token_roles=AlternatingRoles(odd="mystery"))
+    with pytest.raises(ConfigError, match="'mystery'.*objective.oracle_regimes"):
+        trainer.train_step()
+
+
+def test_oracle_routing_regimes_follow_the_token_roles_on_both_loss_paths(tmp_path):
+    metrics = {}
+    for path in ("chunked", "reference"):
+        config = tiny_config(
+            tmp_path / path,
+            "objective.name=dopd_oracle_routing",
+            "objective.top_k=8",
+            f"loop.loss_path={path}",
+            "loop.loss_chunk_rows=5",
+            "optim.micro_batch_size=3",
+            "rollout.prompts_per_step=2",
+            "rollout.num_generations=4",
+        )
+        roles = AlternatingRoles()
+        trainer = Trainer(config, token_roles=roles)
+        metrics[path] = trainer.train_step()
+        tokens = roles.counts["capability"] + roles.counts["format"]
+        assert metrics[path]["completion_tokens"] == tokens > 0
+        assert metrics[path]["fraction/HT"] == roles.counts["capability"] / tokens
+        assert metrics[path]["fraction/LH"] == roles.counts["format"] / tokens
+        assert metrics[path]["fraction/LL"] == metrics[path]["fraction/HS"] == 0.0
+    # The same rollouts and classes: each token's class reached its own row on both paths, so
+    # each regime's loss agrees (a misaligned slice of classes would move tokens between them).
+    for key in ("loss", "loss/HT", "loss/LH"):
+        assert_close(
+            metrics["chunked"][key],
+            metrics["reference"][key],
+            ulps=REORDERED,
+            dtype=torch.float32,
+            msg=key,
+        )
 
 
 def _free_port() -> int:

@@ -64,7 +64,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from dopd.lab.commands import demo
 
-    demo(args.output, steps=args.steps)
+    demo(args.output, steps=args.steps, allow_failed_gates=args.allow_failed_gates)
 
 
 def _lab(args: argparse.Namespace) -> None:
@@ -76,6 +76,7 @@ def _lab(args: argparse.Namespace) -> None:
         args.seeds,
         args.task,
         tune=not args.no_tune,
+        allow_failed_gates=args.allow_failed_gates,
     )
 
 
@@ -98,6 +99,14 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _add_gates_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-failed-gates",
+        action="store_true",
+        help="run on a pair whose gates (docs/lab.md) failed or were never measured",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps", type=_positive_int, default=None, help="optimizer steps per method (default 60)"
     )
+    _add_gates_flag(demo)
     demo.set_defaults(run=_demo)
 
     from dopd.lab.methods import SUITES
@@ -181,12 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     lab.add_argument(
-        "--task", default="arithmetic", help="a built-in task or path/to/file.py:ClassName"
+        "--task", default="shiftmap", help="a built-in task or path/to/file.py:ClassName"
     )
     lab.add_argument(
         "--no-tune", action="store_true", help="skip learning-rate tuning (use the demo's rate)"
     )
     lab.add_argument("--output", default=None, help="output folder (default runs/lab-SUITE)")
+    _add_gates_flag(lab)
     lab.set_defaults(run=_lab)
 
     pretrain = add_command("pretrain", help="pretrain the lab's tiny teacher and student on a task")

@@ -9,10 +9,14 @@ uninterrupted one. Gumbel-max over the warped logits is exact sampling from thei
 When the student's output head is padded past the run's common vocabulary (a smaller teacher
 head, ``dopd.models.common_vocabulary``), the padded columns are masked to -inf before anything
 else, so no rollout holds an id that another view cannot score.
+
+``completion_token_classes`` labels each sampled token with its true class, for objectives that
+route on it (the oracle-routing control on a synthetic task that knows its tokens' roles).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +29,7 @@ from transformers.generation.logits_process import (
 )
 
 from dopd.alignment import completion_mask_after_eos, left_pad
+from dopd.errors import ConfigError, DOPDError
 from dopd.hashing import hash_uniform, splitmix
 
 
@@ -153,3 +158,53 @@ def generate_rollouts(
     ).any(-1)
     prompt_index = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_generations)
     return Rollouts(completion_ids.masked_fill(~mask, pad_token_id), mask, prompt_index, truncated)
+
+
+def completion_token_classes(
+    rollouts: Rollouts,
+    tokenizer,
+    token_roles: Callable[[list[str]], list[str] | None],
+    class_names: Sequence[str],
+    key: str = "objective.oracle_regimes",
+) -> Tensor:
+    """Each valid completion token's true class, as an index into ``class_names``.
+
+    ``token_roles`` (e.g. a lab task's ``Task.token_roles``) is called once per row on the tokens
+    of its valid completion ids (the closing EOS included), as
+    ``tokenizer.convert_ids_to_tokens`` spells them, and returns one class name per token.
+
+    Args:
+        rollouts: ``B`` completions of ``T`` positions.
+        tokenizer: the run's tokenizer.
+        token_roles: ``list[str] -> list[str]`` of the same length.
+        class_names: the classes the objective maps (``Objective.token_class_names``).
+        key: the config key that lists the classes, named when a class is missing from it.
+
+    Returns:
+        ``[B, T]`` long on the rollouts' device, -1 at padding.
+    """
+    index = {name: position for position, name in enumerate(class_names)}
+    ids_by_row, valid_by_row = rollouts.completion_ids.tolist(), rollouts.completion_mask.tolist()
+    classes = torch.full(rollouts.completion_ids.shape, -1, dtype=torch.long)  # [B, T]
+    for row, (ids, valid) in enumerate(zip(ids_by_row, valid_by_row)):
+        tokens = tokenizer.convert_ids_to_tokens([i for i, keep in zip(ids, valid) if keep])
+        roles = token_roles(tokens)
+        if roles is None:
+            raise ConfigError(
+                f"{key}: token_roles returned None (the task labels no token classes), so "
+                "routing cannot read them; use a task that defines token_roles"
+            )
+        if len(roles) != len(tokens):
+            raise DOPDError(
+                f"token_roles returned {len(roles)} classes for a completion of {len(tokens)} "
+                "tokens; it must return one class per token"
+            )
+        unknown = sorted({role for role in roles if role not in index})
+        if unknown:
+            raise ConfigError(
+                f"token class {unknown[0]!r} (from token_roles) is not a key of {key} "
+                f"(keys: {', '.join(class_names)}); map every class the task labels to a regime"
+            )
+        positions = [t for t, keep in enumerate(valid) if keep]
+        classes[row, positions] = torch.tensor([index[role] for role in roles], dtype=torch.long)
+    return classes.to(rollouts.completion_ids.device)

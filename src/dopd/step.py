@@ -63,11 +63,15 @@ class MicroBatch:
     Attributes:
         completion_ids: ``[b, T]`` long; completion_mask: ``[b, T]`` bool.
         inputs: view name -> ``ViewInputs`` (``[b, P_view + T]``), one per view the step scores.
+        token_classes: ``[b, T]`` long, each completion token's true class as an index into the
+            objective's ``token_class_names`` (-1 at padding), for objectives that route on it
+            (``dopd.rollout.completion_token_classes``); None otherwise.
     """
 
     completion_ids: Tensor
     completion_mask: Tensor
     inputs: dict[str, ViewInputs]
+    token_classes: Tensor | None = None
 
 
 def make_micro_batches(
@@ -76,12 +80,15 @@ def make_micro_batches(
     view_prompts: dict[str, list[list[int]]],
     micro_batch_size: int,
     pad_token_id: int,
+    *,
+    token_classes: Tensor | None = None,
 ) -> list[MicroBatch]:
     """Split rollout rows into micro-batches and lay out ``[prompt | completion]`` per view.
 
     Args:
         completion_ids, completion_mask: ``[B, T]`` rollouts of this rank.
         view_prompts: view name -> ``B`` prompt-id lists (row-aligned with the completions).
+        token_classes: ``[B, T]`` long true token classes (``MicroBatch.token_classes``), or None.
     """
     batches = []
     for start in range(0, completion_ids.shape[0], micro_batch_size):
@@ -92,7 +99,8 @@ def make_micro_batches(
             for name, prompts in view_prompts.items()
         }
         check_aligned(*(view.completion_mask for view in inputs.values()))
-        batches.append(MicroBatch(ids, mask, inputs))
+        classes = None if token_classes is None else token_classes[rows]
+        batches.append(MicroBatch(ids, mask, inputs, classes))
     return batches
 
 
@@ -295,6 +303,7 @@ class _ReferenceViews:
             reference_logits=logits.get("reference"),
             thresholds=thresholds,
             denominator=denominator,
+            token_classes=batch.token_classes,
         )
         mask = batch.completion_mask.bool()
         return _BatchLoss(
@@ -366,6 +375,7 @@ class _ChunkedViews:
             thresholds=thresholds,
             chunk_size=self.chunk_rows,
             student_entropy=True,
+            token_classes=None if batch.token_classes is None else batch.token_classes[mask],
             **_view_arguments({**heads, "student": student}),
         )
         return _BatchLoss(out.loss, out.groups, out.per_token_loss, out.student_entropy)

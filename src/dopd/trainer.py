@@ -37,7 +37,7 @@ from dopd.errors import ConfigError, DOPDError
 from dopd.evaluation import evaluate, load_verifier
 from dopd.faults import locate_nonfinite
 from dopd.models import check_sources, common_vocabulary, load_model, output_size
-from dopd.rollout import generate_rollouts, rollout_seeds
+from dopd.rollout import completion_token_classes, generate_rollouts, rollout_seeds
 from dopd.step import make_micro_batches, run_step
 
 
@@ -78,9 +78,18 @@ class Trainer:
     """Builds everything a run needs from a ``TrainConfig`` and trains it."""
 
     def __init__(
-        self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, verifier=None
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        verifier=None,
+        token_roles=None,
     ):
-        """``verifier`` (``(completion, answer) -> bool``) replaces ``eval.verifier`` when given."""
+        """``verifier`` (``(completion, answer) -> bool``) replaces ``eval.verifier`` when given.
+        ``token_roles`` (``tokens -> one class name per token``, e.g. a lab task's) labels each
+        rollout's tokens for an objective that routes on true classes (``dopd_oracle_routing``).
+        """
         self.config = config
         self.output_dir = Path(config.output_dir)
         # The schedule counts optimizer steps, not per-process batches: step it once per step.
@@ -90,6 +99,12 @@ class Trainer:
         _check_output_dir(self.accelerator, self.output_dir, resume, overwrite)
         set_seed(config.seed)
         self.spec, self.objective = config.objective.spec, config.objective.build()
+        if self.objective.uses_token_classes and token_roles is None:
+            raise ConfigError(
+                "objective.routing='oracle' needs token classes: pass Trainer(token_roles=...), "
+                "one class name per completion token (e.g. a lab task's token_roles)"
+            )
+        self.token_roles = token_roles
         self.views = {
             "student": config.views.student_input,
             "priv_student": config.views.priv_student or self.spec.priv_student_view,
@@ -288,12 +303,18 @@ class Trainer:
             for name, kind in self.views.items()
             if name == "student" or name in self.models
         }
+        classes = None
+        if self.objective.uses_token_classes:  # [B, T], each rollout token's true class
+            classes = completion_token_classes(
+                rollouts, self.tokenizer, self.token_roles, self.objective.token_class_names
+            )
         batches = make_micro_batches(
             rollouts.completion_ids,
             rollouts.completion_mask,
             view_prompts,
             self.config.optim.micro_batch_size,
             self.tokenizer.pad_token_id,
+            token_classes=classes,
         )
         loop = self.config.loop
         result = run_step(

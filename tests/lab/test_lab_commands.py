@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from dopd.lab import commands
-from dopd.lab.methods import SUITES
+from dopd.lab.methods import SUITES, suite_methods
 from dopd.lab.pretrain import lab_model_dir
 from dopd.lab.report import summarize, table_rows
 from dopd.lab.runner import DATA_SEEDS, LabSettings, RunResult, method_config, write_data
@@ -18,12 +18,15 @@ from dopd.lab.task import load_task
 from tests.tolerance import REORDERED, assert_close
 
 
+@pytest.mark.parametrize("task_name", ["shiftmap", "arithmetic"])
 @pytest.mark.parametrize("suite", sorted(SUITES))
-def test_every_suite_method_is_a_valid_config(tmp_path, suite):
-    task = load_task("arithmetic")
+def test_every_suite_method_is_a_valid_config(tmp_path, suite, task_name):
+    task = load_task(task_name)
     files = {f"train/{form}": tmp_path / "train.jsonl" for form in task.hint_forms}
     files.update({"valid": tmp_path / "valid.jsonl", "test": tmp_path / "test.jsonl"})
-    for method in SUITES[suite]:
+    methods = suite_methods(suite, task)
+    assert len({method.name for method in methods}) == len(methods)
+    for method in methods:
         config = method_config(
             method,
             seed=0,
@@ -79,8 +82,15 @@ def test_summary_interval_is_the_paired_bootstrap_against_vanilla_opd():
     assert f"+0.125 [{low:+.3f}, {high:+.3f}]" in dopd_row
 
 
+def test_hints_suite_covers_the_tasks_hint_forms():
+    for name in ("shiftmap", "arithmetic"):
+        task = load_task(name)
+        forms = {method.hint_form for method in suite_methods("hints", task)}
+        assert forms == set(task.hint_forms)
+
+
 @pytest.mark.skipif(
-    not (lab_model_dir("arithmetic") / "teacher").is_dir(), reason="shipped lab checkpoints missing"
+    not (lab_model_dir("shiftmap") / "teacher").is_dir(), reason="shipped lab checkpoints missing"
 )
 def test_demo_path_writes_a_valid_results_json(tmp_path):
     settings = replace(
@@ -111,9 +121,16 @@ def test_demo_path_writes_a_valid_results_json(tmp_path):
             assert_close(interval["diff"], method["accuracy"] - vanilla, ulps=REORDERED)
     assert set(results["methods"]["dopd"]["regime_fractions"]) == {"LH", "LL", "HT", "HS"}
     placement = results["regime_placement"]["trained dopd student"]
-    assert {"plan", "result"} <= set(placement) and all(
+    assert {"capability", "learnable_info", "unavailable_info"} <= set(placement) and all(
         row["tokens"] > 0 for row in placement.values()
     )
+    assert results["gates"]["passed"]
+    for scores in (results["student_classes"], results["methods"]["dopd"]):
+        accuracy = scores["class_accuracy"]
+        assert {"learnable_info", "unavailable_info", "format"} <= set(accuracy)
+        assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+        assert_close(scores["illusion_index"], 1.0 - accuracy["unavailable_info"], ulps=REORDERED)
+    assert "Per-class token accuracy" in (tmp_path / "report.md").read_text()
     assert "Regime placement by token role" in (tmp_path / "report.md").read_text()
     for name in ("report.md", "curves.png", "regimes.png", "tokens.html"):
         assert (tmp_path / name).stat().st_size > 0

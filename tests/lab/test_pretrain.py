@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dopd.data import DEFAULT_PRIVILEGED_TEMPLATE, Example, privileged_prompt
 from dopd.lab.arithmetic import PlanArithmetic
+from dopd.lab.gates import GateSettings, class_nll
 from dopd.lab.pretrain import (
     EVAL_SEED_OFFSET,
     ModelRecipe,
@@ -108,8 +109,21 @@ def test_warmup_cosine_endpoints():
     assert_close(warmup_cosine(100, 10, 100), 0.1, ulps=REORDERED)
 
 
+TINY_GATES = GateSettings(
+    sft_steps=2, sft_prompts_per_step=2, sft_generations=2, sft_lr_grid=(1e-3,)
+)
+
+
 def run_tiny(output: Path, seed: int) -> dict:
-    return pretrain_pair(TASK, output, seed=seed, teacher=TINY, student=TINY, options=TINY_OPTIONS)
+    return pretrain_pair(
+        TASK,
+        output,
+        seed=seed,
+        teacher=TINY,
+        student=TINY,
+        options=TINY_OPTIONS,
+        gate_settings=TINY_GATES,
+    )
 
 
 def test_tiny_pretrain_writes_loadable_pair(tmp_path):
@@ -118,6 +132,11 @@ def test_tiny_pretrain_writes_loadable_pair(tmp_path):
     assert {"task", "seed", "options", "teacher", "student", "wall_time_s", "cpu_time_s"} <= set(
         report
     )
+    # The gates are measured and recorded; arithmetic labels no information classes, so the
+    # separation and illusion checks have nothing to measure and fail.
+    assert report["gates"]["settings"]["sft_steps"] == 2
+    assert report["gates"]["separation"]["learnable_info_gap"]["value"] is None
+    assert not report["gates"]["passed"]
     for role in ("teacher", "student"):
         assert MODEL_FILES <= {path.name for path in (tmp_path / role).iterdir()}
         model = AutoModelForCausalLM.from_pretrained(tmp_path / role)
@@ -162,7 +181,7 @@ def test_shipped_checkpoints_are_complete_and_small(task):
     assert size <= 6 * 2**20
 
 
-def test_shipped_shiftmap_pair_shares_one_architecture_and_differs_in_curriculum():
+def test_shipped_shiftmap_pair_shares_one_architecture_differs_in_curriculum_and_passes_gates():
     shipped = lab_model_dir("shiftmap")
     report = json.loads((shipped / "pretrain.json").read_text())
     configs = [
@@ -189,6 +208,23 @@ def test_shipped_shiftmap_pair_shares_one_architecture_and_differs_in_curriculum
             )
     assert accuracy["teacher", "plain"] >= 0.95 and accuracy["student", "plain"] <= 0.6
     assert accuracy["student", "hinted"] <= 0.6
+    # The recorded gates passed, and the separation recomputed here agrees with them: with the
+    # hint the student reads the information as well as the teacher, not the skill.
+    assert report["gates"]["passed"]
+    nll = {
+        role: class_nll(
+            AutoModelForCausalLM.from_pretrained(shipped / role),
+            AutoTokenizer.from_pretrained(shipped / role),
+            task,
+            problems,
+            hint_form="decomposition",
+            target_form="decomposition",
+        )
+        for role in ("teacher", "student")
+    }
+    for name in ("learnable_info", "unavailable_info"):
+        assert abs(nll["student"][name] - nll["teacher"][name]) <= 0.1
+    assert nll["student"]["capability"] - nll["teacher"]["capability"] >= 1.0
 
 
 def greedy_accuracy(role: str, prompts: list[str], answers: list[str]) -> float:

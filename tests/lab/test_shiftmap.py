@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dopd.errors import ConfigError
+from dopd.lab.pretrain import collate
 from dopd.lab.shiftmap import ALPHABET, ShiftMap, parse
 from dopd.lab.task import load_task, split_of
 from dopd.tiny import build_char_tokenizer
@@ -43,17 +44,29 @@ def test_pinned_problem_and_views():
     assert set(problem.prompt + "".join(problem.hints.values()) + hinted) <= set(TASK.characters)
 
 
-def test_student_curriculum_never_wraps_and_teacher_does():
-    def wrapping_share(role: str) -> float:
-        rng = random.Random(1)
-        problems = [TASK.pretraining_problem(role, rng) for _ in range(500)]
-        assert all(split_of(p.prompt) == "train" for p in problems)
-        pairs = [pair for p in problems for pair in parse(p.solution)[1]]
-        return sum(ALPHABET.index(b) < ALPHABET.index(a) for a, b in pairs) / len(pairs)
-
-    assert wrapping_share("student") == 0.0
-    # Uniform key 0..9 over 16 letters: a pair wraps with probability 4.5 / 16 = 0.28.
-    assert 0.24 < wrapping_share("teacher") < 0.32
+def test_student_curriculum_masks_exactly_the_wrapping_images():
+    tokenizer = build_char_tokenizer(TASK.characters)
+    rows, wrapping = [], 0
+    rng = random.Random(1)
+    for _ in range(200):
+        problem = TASK.pretraining_problem("student", rng)
+        assert split_of(problem.prompt) == "train"
+        rows.append((problem.prompt, problem.solution))
+        _, pairs = parse(problem.solution)
+        # An image wraps when it comes before its letter in the alphabet (a shift below 16).
+        wrapping += sum(ALPHABET.index(b) < ALPHABET.index(a) for a, b in pairs)
+    batch = collate(rows, tokenizer, task=TASK, unsupervised=TASK.unsupervised_classes("student"))
+    full = collate(rows, tokenizer)
+    dropped = (batch["labels"] == -100) & (full["labels"] != -100)
+    masked = int(dropped.sum())
+    assert masked == wrapping > 0
+    # Only image letters are masked; the student's prompts are the teacher's (one distribution).
+    image_ids = {tokenizer.convert_tokens_to_ids(c) for c in ALPHABET}
+    assert set(full["labels"][dropped].tolist()) <= image_ids
+    assert TASK.unsupervised_classes("teacher") == frozenset()
+    assert TASK.pretraining_problem("teacher", random.Random(1)) == TASK.pretraining_problem(
+        "student", random.Random(1)
+    )
 
 
 @settings(max_examples=30, deadline=None)
@@ -107,6 +120,33 @@ def test_token_roles_label_every_token_of_any_completion(tokens):
         "skill",
     }
     assert set(roles) <= allowed
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**20))
+def test_token_verdicts_accept_every_valid_order(seed):
+    problem = TASK.problem(random.Random(seed))
+    key, pairs = parse(problem.answer)
+    for order in itertools.permutations(pairs):
+        text = f"K{key}:" + ",".join(f"{a}>{b}" for a, b in order)
+        verdicts = TASK.token_verdicts([*text, "<eos>"], problem.answer)
+        assert verdicts == [True] * len(text) + [False]  # nothing is expected after the pairs
+
+
+def test_token_verdicts_by_hand():
+    answer = "K8:b>j,d>l,k>c,m>e"  # letters bdkm, key 8
+    # A wrong key: the key digit and every image judged against the true key are wrong.
+    got = TASK.token_verdicts(list("K7:k>b,b>j"), answer)
+    assert got == [True, False, True, True, True, False, True, True, True, True]
+    # A letter not in the prompt, then one used twice: each source letter is wrong.
+    got = TASK.token_verdicts(list("K8:a>i,b>j,b>j"), answer)
+    assert [got[i] for i in (3, 7, 11)] == [False, True, False]
+    assert [got[i] for i in (5, 9, 13)] == [True, True, True]  # a > i is a's shift by 8
+    # Out of place: the stray token and everything after it are wrong.
+    assert TASK.token_verdicts(list("K8k>c"), answer) == [True, True, False, False, False]
+    # Verdicts line up with the roles.
+    roles = TASK.token_roles(list("K8:k>c,b>j"))
+    assert len(TASK.token_verdicts(list("K8:k>c,b>j"), answer)) == len(roles)
 
 
 def test_builtin_and_options():

@@ -73,8 +73,20 @@ def random_batch(
     return Batch(*views, ids, mask)
 
 
+def cyclic_classes(mask: Tensor, num_classes: int) -> Tensor:
+    """``[B, T]`` long token classes ``0, 1, ..., num_classes - 1, 0, ...`` along the flattened
+    positions, -1 at padding: every class shows up, deterministically."""
+    classes = torch.arange(mask.numel()).reshape(mask.shape) % max(num_classes, 1)
+    return classes.masked_fill(~mask.bool(), -1)
+
+
 def batch_loss(objective, batch, **kwargs):
-    """``objective_loss`` of ``objective`` on every view of ``batch``."""
+    """``objective_loss`` of ``objective`` on every view of ``batch`` (with ``cyclic_classes``
+    when the objective routes on token classes and none are given)."""
+    if objective.uses_token_classes:
+        kwargs.setdefault(
+            "token_classes", cyclic_classes(batch.mask, len(objective.token_class_names))
+        )
     return objective_loss(
         objective,
         batch.student,

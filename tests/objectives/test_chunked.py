@@ -21,9 +21,12 @@ from dopd.objectives.chunked import ChunkedOutput, chunked_objective_loss, chunk
 from dopd.objectives.reduction import loss_denominator, reduce_loss, row_weights
 from dopd.objectives.registry import OBJECTIVES, build_objective
 from dopd.objectives.statistics import merge_statistics
+from tests.objectives.batches import cyclic_classes
 from tests.tolerance import REORDERED, assert_close, log_prob_scale
 
-NAMES = sorted(OBJECTIVES)
+# Shuffled routing permutes the labels within each call, i.e. within each chunk here: the paths
+# agree on it only with one chunk (test_shuffled_routing_matches_reference_in_one_chunk).
+NAMES = sorted(set(OBJECTIVES) - {"dopd_shuffled_routing"})
 REDUCTIONS = ("sequence_mean", "token_mean")
 VIEWS = ("student", "priv_student", "teacher", "reference")
 
@@ -107,8 +110,16 @@ def _leaves(rollout: Rollout) -> tuple[Tensor, Tensor]:
     return rollout.hidden["student"], rollout.heads["student"]
 
 
+def _classes(objective, rollout: Rollout) -> Tensor | None:
+    """``[B, T]`` token classes for an objective that routes on them, else None."""
+    if not objective.uses_token_classes:
+        return None
+    return cyclic_classes(rollout.mask, len(objective.token_class_names))
+
+
 def _reference(objective, rollout: Rollout, **kwargs):
     logits = {name: rollout.logits(name) for name in VIEWS}
+    kwargs.setdefault("token_classes", _classes(objective, rollout))
     return objective_loss(
         objective,
         logits["student"],
@@ -127,6 +138,8 @@ def _chunked(
     mask = rollout.mask
     dtype = torch.promote_types(rollout.hidden["student"].dtype, torch.float32)
     hidden = {name: value[mask] for name, value in rollout.hidden.items()}  # [N, d] each
+    classes = _classes(objective, rollout)
+    kwargs.setdefault("token_classes", None if classes is None else classes[mask])
     return chunked_objective_loss(
         objective,
         hidden["student"],
@@ -215,6 +228,33 @@ def test_every_objective_matches_reference_in_float64(name, reduction):
 def test_every_objective_matches_reference_in_float32(name):
     rollout = random_rollout(2, 9, 211, seed=2, dtype=torch.float32, lengths=[9, 6])
     _assert_same(build_objective(name, top_k=16), rollout, 7)
+
+
+def test_shuffled_routing_matches_reference_in_one_chunk():
+    # One chunk draws the same permutation as the whole batch from the same RNG state.
+    rollout = random_rollout(3, 8, 97, seed=1, lengths=[8, 0, 5])
+    objective = build_objective("dopd_shuffled_routing", top_k=8, temperature=0.7)
+    for chunk_size in (13, 20):
+        torch.manual_seed(5)
+        expected = _reference(objective, rollout)
+        torch.manual_seed(5)
+        out = _chunked(objective, rollout, chunk_size)
+        assert torch.equal(out.groups, expected.groups[rollout.mask])
+        assert_close(out.per_token_loss, expected.per_token_loss[rollout.mask], ulps=REORDERED)
+
+
+def test_shuffled_routing_keeps_each_chunks_regime_counts():
+    rollout = random_rollout(3, 8, 97, seed=1, lengths=[8, 0, 5])
+    _leaves(rollout)
+    gap = _chunked(build_objective("dopd", top_k=8), rollout, 4).groups
+    torch.manual_seed(0)
+    shuffled = _chunked(build_objective("dopd_shuffled_routing", top_k=8), rollout, 4).groups
+    for start in range(0, gap.numel(), 4):
+        rows = slice(start, start + 4)
+        assert torch.equal(
+            torch.bincount(shuffled[rows], minlength=4), torch.bincount(gap[rows], minlength=4)
+        )
+    assert not torch.equal(shuffled, gap)
 
 
 def test_dopd_rollouts_populate_every_regime():

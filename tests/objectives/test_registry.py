@@ -12,7 +12,7 @@ from dopd.objectives.base import objective_loss
 from dopd.objectives.registry import OBJECTIVES, build_objective, get_spec
 from dopd.objectives.routing import HT, LH, REGIMES
 from tests.objectives import reference, tokenwise
-from tests.objectives.batches import batch_loss, random_batch
+from tests.objectives.batches import batch_loss, cyclic_classes, random_batch
 from tests.tolerance import ANALYTIC, REORDERED, assert_close
 
 DIVERGENCE_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "js": 0.5}
@@ -43,6 +43,9 @@ def test_every_entry_runs_without_the_views_it_does_not_use(name):
         batch.ids,
         batch.mask,
         reference_logits=batch.reference if objective.uses_reference else None,
+        token_classes=cyclic_classes(batch.mask, len(objective.token_class_names))
+        if objective.uses_token_classes
+        else None,
     )
     assert torch.isfinite(out.loss)
 

@@ -14,10 +14,19 @@ from pathlib import Path
 
 import torch
 
-from dopd.lab.methods import SUITES, Method
+from dopd.errors import ConfigError
+from dopd.lab.gates import failed_checks
+from dopd.lab.methods import Method, suite_methods
 from dopd.lab.placement import placement_table, regime_placement
 from dopd.lab.pretrain import lab_model_dir, main_pretrain, torch_threads
-from dopd.lab.report import format_table, markdown_table, summarize
+from dopd.lab.report import (
+    class_rows,
+    class_scores,
+    format_table,
+    markdown_rows,
+    markdown_table,
+    summarize,
+)
 from dopd.lab.rollout_view import rollout_records
 from dopd.lab.runner import (
     DATA_SEEDS,
@@ -34,23 +43,42 @@ from dopd.viz.tokens import write_rollouts_html
 HTML_ROLLOUTS = 12  # rollouts shown token by token in tokens.html
 PLACEMENT_ROLLOUTS = 128  # held-out rollouts behind the regime-placement table
 # One seed, fewer steps than the lab, and the rate the tuned lab chose for every method (1e-4).
-DEMO_SETTINGS = LabSettings(
-    steps=60, seeds=(0,), lr=1e-4, test_examples=256, valid_examples=64, eval_every=10
-)
+DEMO_SETTINGS = LabSettings(steps=60, seeds=(0,), lr=1e-4, valid_examples=64, eval_every=10)
 
 
 def model_pair(task: Task, spec: str, output_dir: Path) -> Path:
-    """The shipped pretrained pair of a built-in task, or a pair pretrained now into
-    ``output_dir``."""
-    shipped = lab_model_dir(task.name)
-    if (shipped / "teacher").is_dir() and (shipped / "student").is_dir():
-        return shipped
+    """The shipped pretrained pair of a built-in task, else the pair in ``output_dir/models``
+    (pretrained there now unless an earlier run, or ``dopd pretrain --output``, put it there)."""
+    for folder in (lab_model_dir(task.name), output_dir / "models"):
+        if (folder / "teacher").is_dir() and (folder / "student").is_dir():
+            return folder
     print(
         f"no pretrained models for task {task.name!r}; "
         f"pretraining them into {output_dir / 'models'}"
     )
     main_pretrain(spec, str(output_dir / "models"), 0)
     return output_dir / "models"
+
+
+def pair_gates(model_dir: Path, *, allow_failed: bool) -> dict | None:
+    """The gates ``dopd pretrain`` recorded for the pair in ``model_dir`` (docs/lab.md), or a
+    ``ConfigError`` when they are missing or failed, unless ``allow_failed`` (then the suite runs
+    and its results record the gates as they are: None when missing)."""
+    report_path = model_dir / "pretrain.json"
+    gates = json.loads(report_path.read_text()).get("gates") if report_path.is_file() else None
+    if allow_failed:
+        return gates
+    if gates is None:
+        raise ConfigError(
+            f"{report_path}: the pair records no gates, so nothing shows it can tell the methods "
+            "apart; re-pretrain it (dopd pretrain) or pass --allow-failed-gates"
+        )
+    if not gates["passed"]:
+        raise ConfigError(
+            f"{report_path}: the pair failed its gates: {'; '.join(failed_checks(gates))}; "
+            "fix the task or its pretraining, or pass --allow-failed-gates"
+        )
+    return gates
 
 
 def tune_lr(method: Method, context: dict) -> RunResult:
@@ -89,9 +117,11 @@ def _run_suite(
     suite: str, settings: LabSettings, output_dir: Path, *, tune: bool, command: str
 ) -> dict:
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-run checkpoint chatter
-    task, methods = load_task(settings.task), SUITES[suite]
+    task = load_task(settings.task)
+    methods = suite_methods(suite, task)
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = model_pair(task, settings.task, output_dir)
+    gates = pair_gates(model_dir, allow_failed=settings.allow_failed_gates)
     hint_forms = {method.hint_form or task.default_hint for method in methods}
     files = write_data(task, settings, output_dir / "data", hint_forms)
     baselines = baseline_accuracies(task, model_dir, settings, files)
@@ -116,12 +146,17 @@ def _run_suite(
             results.append(
                 run_method(method, seed=seed, lr=lr, output_dir=run_dir, **_run_args(context))
             )
-    summary = summarize(results, baselines["teacher"], baselines["student"])
+    summary = summarize(results, baselines["teacher"].accuracy, baselines["student"].accuracy)
     summary.update(
         {
+            **{
+                f"{role}_classes": class_scores([scores.class_accuracy])
+                for role, scores in baselines.items()
+            },
             "suite": suite,
             "task": task.name,
             "settings": asdict(settings),
+            "gates": gates,
             "lr_tuning": {
                 k: {f"{lr:g}": v for lr, v in s.items()} for k, s in context["tuning"].items()
             },
@@ -198,6 +233,15 @@ def _placement(summary: dict, routed: RunResult, context: dict) -> list[dict]:
     return records[f"trained {routed.method} student"]
 
 
+def _gates_text(gates: dict | None) -> str:
+    if gates is None:
+        return "not measured for this pair (run with --allow-failed-gates)"
+    if not gates["passed"]:
+        return "FAILED (run with --allow-failed-gates): " + "; ".join(failed_checks(gates))
+    closed = gates["room_to_learn"]["gap_closed"]["value"]
+    return f"passed (supervised training on teacher samples closes {closed:.2f} of the gap)"
+
+
 def _commit() -> str:
     try:
         return subprocess.run(
@@ -237,9 +281,23 @@ def markdown_report(summary: dict, command: str, context: dict) -> str:
             f"student {summary['student_accuracy']:.3f}"
         ),
         "",
+        f"- gates: {_gates_text(summary['gates'])}",
+        "",
         markdown_table(summary),
         "",
     ]
+    classes = class_rows(summary)
+    if len(classes) > 1:
+        lines += [
+            (
+                "Per-class token accuracy of the greedy held-out completions (the share of each "
+                "class's tokens that are right; illusion index: the error rate on "
+                "`unavailable_info` tokens):"
+            ),
+            "",
+            markdown_rows(classes),
+            "",
+        ]
     if summary["lr_tuning"]:
         lines += [
             (
@@ -284,9 +342,10 @@ def markdown_report(summary: dict, command: str, context: dict) -> str:
     return "\n".join(lines)
 
 
-def demo(output_dir: str, steps: int | None = None) -> dict:
+def demo(output_dir: str, steps: int | None = None, *, allow_failed_gates: bool = False) -> dict:
     """The demo: the ``demo`` suite, one seed, fixed learning rate."""
-    settings = DEMO_SETTINGS if steps is None else replace(DEMO_SETTINGS, steps=steps)
+    settings = replace(DEMO_SETTINGS, allow_failed_gates=allow_failed_gates)
+    settings = settings if steps is None else replace(settings, steps=steps)
     return run_suite(
         "demo",
         settings,
@@ -296,9 +355,17 @@ def demo(output_dir: str, steps: int | None = None) -> dict:
     )
 
 
-def lab(output_dir: str, suite: str, seeds: list[int], task: str, tune: bool) -> dict:
+def lab(
+    output_dir: str,
+    suite: str,
+    seeds: list[int],
+    task: str,
+    tune: bool,
+    *,
+    allow_failed_gates: bool = False,
+) -> dict:
     """The benchmark: ``suite`` over ``seeds`` with per-method learning-rate tuning."""
-    settings = LabSettings(task=task, seeds=tuple(seeds))
+    settings = LabSettings(task=task, seeds=tuple(seeds), allow_failed_gates=allow_failed_gates)
     return run_suite(
         suite, settings, Path(output_dir), tune=tune, command="dopd lab " + " ".join(sys.argv[2:])
     )

@@ -7,8 +7,11 @@ and the hint form its privileged context uses. Suites mirror the paper's analyse
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from dopd.lab.task import Task
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ def _same(*names: str) -> list[Method]:
     return [Method(name, name) for name in names]
 
 
-SUITES: dict[str, list[Method]] = {
+SUITES: dict[str, list[Method] | Callable[[Task], list[Method]]] = {
     "demo": _same("vanilla_opd", "priv_teacher_opd", "self_distillation", "dopd"),
     "main": _same(
         "vanilla_opd",
@@ -41,7 +44,18 @@ SUITES: dict[str, list[Method]] = {
         "tip",
         "exopd",
         "dopd",
-    ),
+    )
+    # Controls: does the gap carry routing information (shuffled: the same regime fractions,
+    # dealt at random; oracle: the task's true classes), and what do one dense term from the
+    # privileged or the plain teacher, or one fixed divergence, do alone.
+    + [
+        Method("shuffled_routing", "dopd_shuffled_routing"),
+        Method("oracle_routing", "dopd_oracle_routing"),
+        Method("no_routing", "dopd_no_routing"),
+        Method("fixed_objective", "dopd_fixed_objective"),
+        Method("js_full", "js_full"),
+        Method("js_full/plain", "js_full", views={"teacher": "plain"}),
+    ],
     # Privilege-illusion diagnostic: who teaches whom, with or without the hint.
     "illusion": [
         Method("T->S", "vanilla_opd"),
@@ -82,10 +96,16 @@ SUITES: dict[str, list[Method]] = {
         for d in ("forward_kl", "reverse_kl", "js")
         for g in ("sampled", "topk", "full")
     ],
-    # Privileged-input forms (the paper's Tables 4-5).
-    "hints": [
+    # Privileged-input forms (the paper's Tables 4-5): one run per hint form of the task.
+    "hints": lambda task: [
         Method(f"{name}/{form}", name, hint_form=form)
         for name in ("dopd", "priv_teacher_opd")
-        for form in ("decomposition", "summary", "execution", "answer", "none")
+        for form in task.hint_forms
     ],
 }
+
+
+def suite_methods(name: str, task: Task) -> list[Method]:
+    """The methods of suite ``name`` on ``task`` (a suite may depend on the task's hint forms)."""
+    suite = SUITES[name]
+    return suite(task) if callable(suite) else list(suite)

@@ -4,15 +4,18 @@ Both are Qwen3 causal LMs over the task's character tokenizer, trained by superv
 prediction on the task's solutions (loss on solution tokens and the closing EOS only). Half the
 training prompts are plain, half carry a privileged context through ``DEFAULT_PRIVILEGED_TEMPLATE``
 (mostly the default hint, the rest spread over the other hint forms), so both models answer with
-and without hints. The teacher is wider, deeper and trained longer, so it is the stronger of the
-two at equal information. Training draws only the task's ``"train"`` split; held-out problems from
-the ``"test"`` split (never trained on) measure greedy accuracy per view.
+and without hints. By default the teacher is wider, deeper and trained longer, so it is the
+stronger of the two at equal information; a task may instead give both one recipe and a different
+curriculum (``Task.pretraining_problem``, ``Task.unsupervised_classes``). Training draws only the
+task's ``"train"`` split; held-out problems from the ``"test"`` split (never trained on) measure
+greedy accuracy per view.
 
     report = main_pretrain("arithmetic", "out/pair", seed=0)   # what `dopd pretrain` runs
     teacher = AutoModelForCausalLM.from_pretrained(lab_model_dir("arithmetic") / "teacher")
 
 Output: ``DIR/teacher`` and ``DIR/student`` (``save_pretrained`` directories with the tokenizer)
-and ``DIR/pretrain.json`` (sizes, steps, seed, wall time, accuracies).
+and ``DIR/pretrain.json`` (sizes, steps, seed, wall time, accuracies, and the gates of
+``dopd.lab.gates``, which the suites check before they train on a pair).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 
 from dopd.data import Example, privileged_prompt, tokenize_prompt
 from dopd.evaluation import evaluate
+from dopd.lab.gates import DEFAULT_GATES, GateSettings, measure_gates
 from dopd.lab.task import Problem, Task, load_task
 from dopd.tiny import build_char_tokenizer, build_tiny_model
 
@@ -98,15 +102,19 @@ def pretrain_pair(
     teacher: ModelRecipe = TEACHER,
     student: ModelRecipe = STUDENT,
     options: PretrainOptions = PretrainOptions(),
+    gate_settings: GateSettings = DEFAULT_GATES,
 ) -> dict:
     """Train, evaluate and save a teacher and a student for ``task``; deterministic by ``seed``.
 
     Returns the report written to ``output_dir/pretrain.json``: per model its recipe, parameter
     count, training time and held-out greedy accuracy per view: ``no_hint`` is the plain prompt,
-    every hint form (``none`` included) the privileged prompt with that form's context.
+    every hint form (``none`` included) the privileged prompt with that form's context; and the
+    pair's gates, measured with ``gate_settings``.
     """
     with torch_threads(options.threads):
-        return _pretrain_pair(task, Path(output_dir), seed, teacher, student, options)
+        return _pretrain_pair(
+            task, Path(output_dir), seed, teacher, student, options, gate_settings
+        )
 
 
 @contextmanager
@@ -127,13 +135,15 @@ def _pretrain_pair(
     teacher: ModelRecipe,
     student: ModelRecipe,
     options: PretrainOptions,
+    gate_settings: GateSettings,
 ) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     tokenizer = build_char_tokenizer(task.characters)
     held_out = task.problems(seed + EVAL_SEED_OFFSET, options.eval_problems, split="test")
     report = {"task": task.name, "seed": seed, "eval_split": "test", "options": asdict(options)}
+    models = {}
     for role, recipe, model_seed in (("teacher", teacher, seed), ("student", student, seed + 1)):
-        model = build_model(recipe, tokenizer, model_seed)
+        model = models[role] = build_model(recipe, tokenizer, model_seed)
         train_start = time.perf_counter()
         train(model, tokenizer, task, recipe, options, seed=seed, role=role)
         report[role] = {
@@ -144,6 +154,20 @@ def _pretrain_pair(
         }
         model.save_pretrained(output / role)
         tokenizer.save_pretrained(output / role)
+    report["gates"] = measure_gates(
+        models["teacher"],
+        models["student"],
+        tokenizer,
+        task,
+        held_out,
+        {role: report[role]["accuracy"][NO_HINT] for role in models},
+        seed=seed,
+        accuracy_of=lambda model: view_accuracy(
+            model, tokenizer, task, [p.prompt for p in held_out], held_out, options
+        ),
+        settings=gate_settings,
+        progress=options.progress,
+    )
     report["wall_time_s"] = round(time.perf_counter() - start, 1)
     # CPU time next to wall time: on a shared machine the wall time measures the neighbours too.
     report["cpu_time_s"] = round(time.process_time() - cpu_start, 1)
@@ -182,7 +206,8 @@ def train(
     role: str,
 ) -> None:
     """``recipe.steps`` AdamW steps of solution-token cross-entropy on ``role``'s pretraining
-    problems (``Task.pretraining_problem``), warmup then cosine decay."""
+    problems (``Task.pretraining_problem``), warmup then cosine decay; tokens of the classes
+    ``Task.unsupervised_classes(role)`` are left out of the loss."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.learning_rate, weight_decay=options.weight_decay
@@ -190,11 +215,12 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, options.warmup_steps, recipe.steps)
     )
+    unsupervised = task.unsupervised_classes(role)
     model.train()
     bar = tqdm(range(recipe.steps), desc=f"pretrain {role}", disable=not options.progress)
     for _ in bar:
         rows = [training_row(task, rng, options, role) for _ in range(options.batch_size)]
-        loss = model(**collate(rows, tokenizer)).loss
+        loss = model(**collate(rows, tokenizer, task=task, unsupervised=unsupervised)).loss
         loss.backward()
         # Clipping keeps the first steps of a from-scratch model at a high lr from diverging.
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -230,16 +256,27 @@ def training_row(
     return privileged_prompt(example), problem.solution_for(form)
 
 
-def collate(rows: list[tuple[str, str]], tokenizer) -> dict[str, torch.Tensor]:
+def collate(
+    rows: list[tuple[str, str]],
+    tokenizer,
+    *,
+    task: Task | None = None,
+    unsupervised: frozenset[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (all ``[B, L]`` long) of
-    ``[prompt ids | solution ids, EOS]``; labels are -100 outside the solution and EOS."""
+    ``[prompt ids | solution ids, EOS]``; labels are -100 outside the solution and EOS, and at
+    solution tokens whose class (``task.token_roles``) is in ``unsupervised``."""
     sequences, label_rows = [], []
     for prompt, solution in rows:
         prompt_ids = tokenize_prompt(prompt, tokenizer)
         solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
+        targets = list(solution_ids)
+        if unsupervised:
+            roles = task.token_roles(tokenizer.convert_ids_to_tokens(solution_ids))
+            targets = [-100 if role in unsupervised else i for i, role in zip(targets, roles)]
         solution_ids.append(tokenizer.eos_token_id)
         sequences.append(prompt_ids + solution_ids)
-        label_rows.append([-100] * len(prompt_ids) + solution_ids)
+        label_rows.append([-100] * len(prompt_ids) + targets + [tokenizer.eos_token_id])
     length = max(len(sequence) for sequence in sequences)
     # Right padding keeps positions 0..n-1 per row, as generate() assigns them to left-padded
     # prompts from the attention mask.

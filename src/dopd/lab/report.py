@@ -44,8 +44,20 @@ def summarize(results: list[RunResult], teacher: float, student: float) -> dict:
             "final_entropy": statistics.fmean(run.records[-1]["student_entropy"] for run in runs),
             "wall_seconds": statistics.fmean(run.wall_seconds for run in runs),
             "ci95": _interval_to_baseline(runs, by_method.get(BASELINE)),
+            **class_scores([run.class_accuracy for run in runs]),
         }
     return {"teacher_accuracy": teacher, "student_accuracy": student, "methods": methods}
+
+
+def class_scores(accuracies: list[dict[str, float]]) -> dict:
+    """``class_accuracy`` (each token class's accuracy, averaged over runs; classes every run
+    scored) and ``illusion_index``: the error rate on ``unavailable_info`` tokens, choices only
+    the hint determines, where a student that imitates a privileged teacher drifts from every
+    valid choice (None when the task has no such class)."""
+    shared = set.intersection(*(set(a) for a in accuracies)) if accuracies else set()
+    mean = {name: statistics.fmean(a[name] for a in accuracies) for name in sorted(shared)}
+    illusion = 1.0 - mean["unavailable_info"] if "unavailable_info" in mean else None
+    return {"class_accuracy": mean, "illusion_index": illusion}
 
 
 def _interval_to_baseline(runs: list[RunResult], baseline: list[RunResult] | None) -> dict | None:
@@ -115,7 +127,34 @@ def format_table(summary: dict) -> str:
 
 def markdown_table(summary: dict) -> str:
     """The same table in markdown."""
-    rows = table_rows(summary)
+    return markdown_rows(table_rows(summary))
+
+
+def class_rows(summary: dict) -> list[list[str]]:
+    """Header and one row per model (the pretrained pair, then each method, best accuracy
+    first) of per-class token accuracy and the illusion index; only the header when the task
+    judges no tokens."""
+    scored = [
+        ("teacher (pretrained)", summary.get("teacher_classes")),
+        ("student (pretrained)", summary.get("student_classes")),
+    ]
+    ordered = sorted(summary["methods"].items(), key=lambda item: -item[1]["accuracy"])
+    scored += ordered
+    names = sorted({name for _, m in scored if m for name in m["class_accuracy"]})
+    rows = [["model", *names, "illusion index"]]
+    for label, m in scored:
+        if not m or not m["class_accuracy"]:
+            continue
+        cells = [
+            f"{m['class_accuracy'][n]:.3f}" if n in m["class_accuracy"] else "-" for n in names
+        ]
+        illusion = m["illusion_index"]
+        rows.append([label, *cells, "-" if illusion is None else f"{illusion:.3f}"])
+    return rows
+
+
+def markdown_rows(rows: list[list[str]]) -> str:
+    """Header and rows as a markdown table."""
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     return "\n".join(lines)

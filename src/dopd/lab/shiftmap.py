@@ -19,13 +19,16 @@ order is an arbitrary but valid choice among equivalent solutions. Token classes
 - ``order_forced``: a pair's first letter once the order is fixed (by elimination, or canonical
   after the free block).
 - ``capability``: an image whose shift wraps past ``p``; the student's curriculum never shows a
-  wrapping pair.
+  wrapping image (see below).
 - ``skill``: an image whose shift does not wrap; both models learned it.
 - ``format``: ``K``, ``:``, ``>``, ``,`` and anything after the first token out of place.
 
 The pair shares one architecture and budget and differs only in what pretraining showed it
-(``pretraining_problem``): the teacher sees every problem, the student only problems whose shifts
-do not wrap, so the student lacks one narrow skill it can learn from ``x``.
+(``unsupervised_classes``): both see the same problems, but the student's loss never covers a
+wrapping image, so it lacks one narrow skill it can learn from ``x`` while its inputs, keys and
+letters are distributed exactly as the teacher's. (A curriculum that left out the wrapping
+problems would also teach the student that large keys do not occur with late letters, and with the
+hint it would then doubt the key it reads: the key digit would stop being pure information.)
 
 Options: ``items`` (``k``, default 4) and ``free_order_share`` (default 1.0), the fraction of the
 items the hint orders at random (listed first; the rest follow in canonical order). At the
@@ -72,7 +75,7 @@ def parse(line: str) -> tuple[str, list[tuple[str, str]]] | None:
 
 class ShiftMap(Task):
     """Letter shifts by a key hidden in a digit sum; the pairs' order is free and the hint fixes
-    it; the student's curriculum leaves out the wrapping shifts."""
+    it; the student's curriculum never supervises a wrapping image."""
 
     name = "shiftmap"
     characters = ALPHABET + "0123456789 =>,:\nKEYORDNHIT"
@@ -100,21 +103,14 @@ class ShiftMap(Task):
         self.items = items
         self.free_items = round(free_order_share * items)
 
+    def unsupervised_classes(self, role: str) -> frozenset[str]:
+        """The student never trains on a wrapping image; the teacher trains on every token."""
+        return frozenset({"capability"}) if role == "student" else frozenset()
+
     def problem(self, rng: random.Random) -> Problem:
-        return self._problem(rng, wrapping=True)
-
-    def pretraining_problem(self, role: str, rng: random.Random) -> Problem:
-        """The teacher's problems are the task's; the student's never hold a wrapping shift."""
-        wrapping = role != "student"
-        return self.draw(rng, "train", source=lambda r: self._problem(r, wrapping=wrapping))
-
-    def _problem(self, rng: random.Random, *, wrapping: bool) -> Problem:
-        # Without wrapping the key is still uniform; only letters that stay inside the alphabet
-        # are drawn, so every key and every non-wrapping (letter, key) pair is shown.
         first, second = rng.randrange(10), rng.randrange(10)
         key = (first + second) % KEYS
-        pool = ALPHABET if wrapping else ALPHABET[: len(ALPHABET) - key]
-        letters = "".join(sorted(rng.sample(pool, self.items)))
+        letters = "".join(sorted(rng.sample(ALPHABET, self.items)))
         free = rng.sample(letters, self.free_items)
         order = "".join(free) + "".join(letter for letter in letters if letter not in free)
         plain, hinted = render(key, letters), render(key, order)
@@ -142,26 +138,41 @@ class ShiftMap(Task):
         """The role of each completion token (see the module docstring), read left to right from
         the tokens alone; wrapping is judged with the key the completion itself wrote. After the
         first token out of place, the rest are ``format``."""
-        roles: list[str] = []
-        key, source, pairs, expected = None, "", 0, "K"
+        return [role for role, _ in self._walk(tokens, None)]
+
+    def token_verdicts(self, tokens: list[str], answer: str) -> list[bool]:
+        """Whether each completion token is right: the key digit is the true key; a pair's first
+        letter is a prompt letter not yet used; an image is the letter's shift by the true key;
+        a format token is in its place (everything after a token out of place is wrong)."""
+        return [right for _, right in self._walk(tokens, parse(answer))]
+
+    def _walk(self, tokens: list[str], truth) -> list[tuple[str, bool]]:
+        """``(role, right)`` per token; ``right`` is judged against ``truth`` (``parse`` of the
+        answer; None: not judged, always False)."""
+        true_key = None if truth is None else int(truth[0])
+        letters = set() if truth is None else {source for source, _ in truth[1]}
+        out: list[tuple[str, bool]] = []
+        key, source, used, expected = None, "", [], "K"
         for token in tokens:
-            role, follows = "format", None
+            role, right, follows = "format", False, None
             if expected == "K" and token == "K":
-                follows = "key"
+                right, follows = True, "key"
             elif expected == "key" and token.isdigit():
                 role, key, follows = "learnable_info", int(token), ":"
-            elif expected in (":", ">") and token == expected:
-                follows = "source" if token == ":" else "image"
-            elif expected == "," and token == ",":
-                follows = "source"
+                right = key == true_key
+            elif expected in (":", ">", ",") and token == expected:
+                right, follows = True, {":": "source", ">": "image", ",": "source"}[token]
             elif expected == "source" and token in ALPHABET:
-                role, source, follows = self._source_role(pairs), token, ">"
+                role, source, follows = self._source_role(len(used)), token, ">"
+                right = token in letters and token not in used
+                used.append(token)
             elif expected == "image" and token in ALPHABET:
                 role = "capability" if wraps(source, key) else "skill"
-                pairs, follows = pairs + 1, ","
-            roles.append(role)
+                right = true_key is not None and token == shift(source, true_key)
+                follows = ","
+            out.append((role, right and truth is not None))
             expected = follows
-        return roles
+        return out
 
     def _source_role(self, pair: int) -> str:
         """A pair's first letter is free while the hint's random block lasts, except the last

@@ -31,9 +31,10 @@ Adding a task, without editing dopd — write a file outside the package::
 
 and name it as ``my_tasks.py:Reverse`` wherever a task is expected (``load_task``, the lab
 config, ``dopd pretrain``). A task defines ``name``, ``characters`` and ``problem``; it may
-override ``verify``, ``hint_forms``, ``default_hint``, ``token_roles`` and
-``pretraining_problem`` (each model's pretraining distribution), and a problem may give a hinted
-view its own target (``Problem.hinted_solutions``). Rules a task must keep:
+override ``verify``, ``hint_forms``, ``default_hint``, ``token_roles`` (each solution token's
+class) with ``token_verdicts`` (whether each token is right), and ``pretraining_problem`` with
+``unsupervised_classes`` (each model's curriculum), and a problem may give a hinted view its own
+target (``Problem.hinted_solutions``). Rules a task must keep:
 
 - ``problem`` is a pure function of the generator's state, so ``examples(seed, n)`` is the same on
   every run; every hint form of ``hint_forms`` has a non-blank entry in ``Problem.hints``;
@@ -131,6 +132,14 @@ class Task(ABC):
         prompts (``draw(rng, "train")`` or a filter of the same kind)."""
         return self.draw(rng, "train")
 
+    def unsupervised_classes(self, role: str) -> frozenset[str]:
+        """Token classes (of ``token_roles``) that ``role``'s pretraining never trains on: their
+        labels are masked, so the model reads every prompt and solution of its curriculum but
+        never learns to produce those tokens. A curriculum that hides one skill this way leaves
+        the inputs' distribution unchanged, where leaving problems out would also teach the model
+        that their inputs do not occur. Default: none."""
+        return frozenset()
+
     def problems(self, seed: int, count: int, *, split: str | None = None) -> list[Problem]:
         """``count`` problems, the same for the same ``seed``; with ``split``, only problems whose
         prompt ``split_of`` puts on that side (None: any problem)."""
@@ -168,6 +177,12 @@ class Task(ABC):
     def token_roles(self, tokens: list[str]) -> list[str] | None:
         """The role of each completion token in the solution (e.g. ``plan`` vs ``result``), for
         checking where routing puts its regimes; None (the default) when the task has no roles."""
+        return None
+
+    def token_verdicts(self, tokens: list[str], answer: str) -> list[bool] | None:
+        """Whether each completion token is right given the reference ``answer`` (one verdict per
+        token, aligned with ``token_roles``), for per-class accuracy; None (the default) when the
+        task does not judge tokens."""
         return None
 
     def check_hint_form(self, hint_form: str) -> str:

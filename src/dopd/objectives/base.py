@@ -25,7 +25,7 @@ from dopd.objectives.divergences import (
 )
 from dopd.objectives.reduction import REDUCTIONS, reduce_loss
 from dopd.objectives.support import SUPPORT_SOURCES, restrict_to_support, topk_support
-from dopd.objectives.views import TokenViews
+from dopd.objectives.views import TokenViews, check_token_classes
 
 GRANULARITIES = ("sampled", "topk", "full")
 TARGETS = ("teacher", "priv_student", "extrapolated")
@@ -107,7 +107,10 @@ class Objective:
 
     Class attributes say which views the trainer must produce: ``uses_teacher``,
     ``uses_priv_student``, ``uses_reference``, and the views ``statistics`` reads
-    (``statistics_views``), so that a trainer can fix step thresholds before any loss.
+    (``statistics_views``), so that a trainer can fix step thresholds before any loss. An
+    objective that routes on the tokens' true classes (a control on a synthetic task) names them
+    in ``token_class_names``; the caller then passes every token's class as an index into it
+    (``TokenViews.token_classes``).
     """
 
     group_names: tuple[str, ...] = ("all",)
@@ -118,6 +121,16 @@ class Objective:
 
     def __init__(self, config: ObjectiveOptions):
         self.config = config
+
+    @property
+    def token_class_names(self) -> tuple[str, ...]:
+        """The token classes routing reads (empty: it reads none)."""
+        return ()
+
+    @property
+    def uses_token_classes(self) -> bool:
+        """Whether routing reads each token's true class, which the caller must then supply."""
+        return bool(self.token_class_names)
 
     def routes(self) -> tuple[tuple[Term, ...], ...]:
         """Per group, the terms its tokens get (an empty tuple: the group contributes 0)."""
@@ -273,6 +286,7 @@ def objective_loss(
     reference_logits: Tensor | None = None,
     thresholds: Any = None,
     denominator: Tensor | float | None = None,
+    token_classes: Tensor | None = None,
 ) -> ObjectiveOutput:
     """Loss of ``objective`` on one batch of rollouts.
 
@@ -286,6 +300,8 @@ def objective_loss(
         reference_logits: ``[B, T, V]``, only for objectives that use a reference model.
         thresholds: step-level thresholds; None computes them from this batch.
         denominator: step-level reduction denominator; None uses this batch's.
+        token_classes: ``[B, T]`` long, each token's true class as an index into
+            ``objective.token_class_names`` (-1 at padding), only for objectives that route on it.
 
     Returns:
         ``ObjectiveOutput``; gradient reaches ``student_logits`` only.
@@ -306,7 +322,20 @@ def objective_loss(
             raise ValueError(f"objective {type(objective).__name__} needs {name}_logits; got None")
     _check_inputs(logits, completion_ids, completion_mask)
     mask = completion_mask.bool()
-    views = TokenViews.from_batch(logits, completion_ids, mask, objective.config.temperature)
+    check_token_classes(
+        token_classes,
+        mask,
+        len(objective.token_class_names),
+        objective.uses_token_classes,
+        type(objective).__name__,
+    )
+    views = TokenViews.from_batch(
+        logits,
+        completion_ids,
+        mask,
+        objective.config.temperature,
+        token_classes if objective.uses_token_classes else None,
+    )
     out = token_losses(objective, views, thresholds)
     per_token = out.per_token  # [N]
     per_token_full = torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device)

@@ -34,7 +34,13 @@ from dopd.objectives.base import (
     token_losses,
 )
 from dopd.objectives.statistics import merge_statistics
-from dopd.objectives.views import VIEW_NAMES, TokenViews, compute_dtype, logits_entropy
+from dopd.objectives.views import (
+    VIEW_NAMES,
+    TokenViews,
+    check_token_classes,
+    compute_dtype,
+    logits_entropy,
+)
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -123,6 +129,7 @@ def chunked_objective_loss(
     thresholds: Any = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     student_entropy: bool = False,
+    token_classes: Tensor | None = None,
 ) -> ChunkedOutput:
     """Loss of ``objective`` on ``N`` valid completion tokens; equals ``objective_loss`` on the
     logits ``hidden @ weight.T`` of every view, in value and gradient.
@@ -147,6 +154,8 @@ def chunked_objective_loss(
         chunk_size: rows projected at a time; peak memory grows as ``chunk_size x V``.
         student_entropy: also return the student's per-row entropy (a metric), computed from
             each chunk's logits while they exist.
+        token_classes: ``[N]`` long, each row's true class as an index into
+            ``objective.token_class_names``, only for objectives that route on it.
 
     Returns:
         ``ChunkedOutput``; the loss is ``sum(row_weights * per_token_loss)``.
@@ -161,6 +170,15 @@ def chunked_objective_loss(
             f"row_weights must be [N] = {tuple(token_ids.shape)} like token_ids; "
             f"got {tuple(row_weights.shape)}; build it with reduction.row_weights"
         )
+    check_token_classes(
+        token_classes,
+        torch.ones_like(token_ids, dtype=torch.bool),
+        len(objective.token_class_names),
+        objective.uses_token_classes,
+        type(objective).__name__,
+    )
+    if not objective.uses_token_classes:
+        token_classes = None
     if thresholds is None and objective.uses_thresholds:
         thresholds = objective.thresholds(_statistics(objective, heads, token_ids, chunk_size))
     gradients = None
@@ -171,8 +189,8 @@ def chunked_objective_loss(
             heads["student"], student_hidden.requires_grad, student_head_weight.requires_grad
         )
     value, parts, entropy = _loss_pass(
-        objective, heads, token_ids, row_weights, thresholds, chunk_size, gradients,
-        student_entropy,
+        objective, heads, token_ids, token_classes, row_weights, thresholds, chunk_size,
+        gradients, student_entropy,
     )  # fmt: skip
     loss = (
         value if gradients is None else gradients.attach(value, student_hidden, student_head_weight)
@@ -291,6 +309,7 @@ def _loss_pass(
     objective: Objective,
     heads: dict[str, Head],
     token_ids: Tensor,
+    token_classes: Tensor | None,
     row_weights: Tensor,
     thresholds: Any,
     chunk_size: int,
@@ -303,8 +322,9 @@ def _loss_pass(
     values, parts, entropies = [], [], []
     for rows in _chunks(token_ids.shape[0], chunk_size):
         student_logits, part, chunk_loss = _chunk_loss(
-            objective, heads, token_ids, row_weights, rows, thresholds, gradients is not None
-        )
+            objective, heads, token_ids, token_classes, row_weights, rows, thresholds,
+            gradients is not None,
+        )  # fmt: skip
         if gradients is not None:
             gradients.add(rows, torch.autograd.grad(chunk_loss, student_logits)[0])
         if student_entropy:
@@ -320,6 +340,7 @@ def _chunk_loss(
     objective: Objective,
     heads: dict[str, Head],
     token_ids: Tensor,
+    token_classes: Tensor | None,
     row_weights: Tensor,
     rows: slice,
     thresholds: Any,
@@ -338,6 +359,7 @@ def _chunk_loss(
             {"student": student_logits, **constant_logits},
             token_ids[rows],
             objective.config.temperature,
+            None if token_classes is None else token_classes[rows],
         )
         part = token_losses(objective, views, thresholds)
         chunk_loss = (row_weights[rows].to(part.per_token.dtype) * part.per_token).sum()

@@ -4,13 +4,19 @@ LH  privileged teacher        reverse KL, top-K   weight beta_light
 LL  privileged student (sg)   reverse KL, top-K   weight beta_weak
 HT  privileged teacher        Jensen-Shannon, full vocabulary   weight beta_deep
 HS  privileged student (sg)   reverse KL, top-K   weight beta_light
+
+``routing`` picks who assigns the regimes: the gap rule (``gap``), the gap rule's labels dealt
+to the tokens at random (``shuffled``), or the tokens' true classes (``oracle``, via
+``oracle_regimes``); the terms per regime stay the same (docs/method.md §7).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from dopd.errors import ConfigError, require_choice, require_range
@@ -24,9 +30,23 @@ from dopd.objectives.base import (
     objective_loss,
 )
 from dopd.objectives.divergences import DIVERGENCE_BETA
-from dopd.objectives.routing import REGIMES, assign_regimes
+from dopd.objectives.routing import REGIMES, assign_regimes, oracle_regimes, shuffle_regimes
 from dopd.objectives.statistics import Thresholds, compute_thresholds, privilege_statistics
 from dopd.objectives.views import TokenViews
+
+ROUTINGS = ("gap", "shuffled", "oracle")
+
+# DOPD's own reading of which regime each kind of token belongs to (docs/method.md §3): a
+# capability gap is HT; information the student can learn, or tokens forced by what came before,
+# by the skill or by the format, are LH; information the student can never see is HS.
+DEFAULT_ORACLE_REGIMES = {
+    "capability": "HT",
+    "learnable_info": "LH",
+    "unavailable_info": "HS",
+    "order_forced": "LH",
+    "skill": "LH",
+    "format": "LH",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +62,12 @@ class DOPDConfig(ObjectiveOptions):
             denominator (the paper's regime-subset ablation).
         fixed_divergence, fixed_granularity: when set, every regime uses this divergence /
             granularity, keeping its target and weight (the "no adaptive objectives" ablation).
+        routing: who assigns the regimes: ``gap`` (the rule of §3), ``shuffled`` (the rule's
+            labels permuted at random among the tokens of each loss call: the same counts, the
+            tokens drawn by torch's global RNG) or ``oracle`` (each token's true class, mapped by
+            ``oracle_regimes``; the caller supplies the classes).
+        oracle_regimes: token class name -> regime name, read when ``routing="oracle"``; a mapping
+            given replaces the default one whole.
     """
 
     beta_light: float = 0.6
@@ -51,6 +77,8 @@ class DOPDConfig(ObjectiveOptions):
     regimes: tuple[str, ...] = REGIMES
     fixed_divergence: str | None = None
     fixed_granularity: str | None = None
+    routing: str = "gap"
+    oracle_regimes: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ORACLE_REGIMES))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +105,29 @@ class DOPDConfig(ObjectiveOptions):
             require_choice("fixed_divergence", self.fixed_divergence, DIVERGENCE_BETA)
         if self.fixed_granularity is not None:
             require_choice("fixed_granularity", self.fixed_granularity, GRANULARITIES)
+        require_choice("routing", self.routing, ROUTINGS)
+        object.__setattr__(self, "oracle_regimes", _check_oracle_regimes(self.oracle_regimes))
+
+
+def _check_oracle_regimes(mapping: Any) -> dict[str, str]:
+    """A copy of ``mapping`` (class name -> regime name) once every entry is valid."""
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(
+            f"oracle_regimes={mapping!r} must be a mapping of token class names to regimes, "
+            "e.g. {capability: HT, format: LH}"
+        )
+    if not mapping:
+        raise ConfigError(
+            "oracle_regimes={} maps no token class; map every class the task labels, "
+            "e.g. {capability: HT, format: LH}"
+        )
+    for name, regime in mapping.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(
+                f"oracle_regimes: key {name!r} must be a non-empty token class name (a string)"
+            )
+        require_choice(f"oracle_regimes.{name}", regime, REGIMES)
+    return dict(mapping)
 
 
 class DOPD(Objective):
@@ -88,6 +139,15 @@ class DOPD(Objective):
 
     def __init__(self, config: DOPDConfig):
         super().__init__(config)
+        # [C] long: the regime of each class of token_class_names (oracle routing).
+        self._class_regimes = torch.tensor(
+            [REGIMES.index(regime) for regime in config.oracle_regimes.values()], dtype=torch.long
+        )
+
+    @property
+    def token_class_names(self) -> tuple[str, ...]:
+        """The classes of ``oracle_regimes`` when routing on them (``routing="oracle"``)."""
+        return tuple(self.config.oracle_regimes) if self.config.routing == "oracle" else ()
 
     def routes(self) -> tuple[tuple[Term, ...], ...]:
         c = self.config
@@ -114,7 +174,11 @@ class DOPD(Objective):
     def assign(
         self, views: TokenViews, statistics: dict[str, Tensor], thresholds: Thresholds
     ) -> Tensor:
-        return assign_regimes(statistics, thresholds)
+        routing = self.config.routing
+        if routing == "oracle":
+            return oracle_regimes(views.token_classes, self._class_regimes)
+        regimes = assign_regimes(statistics, thresholds)
+        return shuffle_regimes(regimes) if routing == "shuffled" else regimes
 
     def metrics(self, statistics: dict[str, Tensor], thresholds: Thresholds) -> dict[str, Any]:
         gap = statistics["advantage_gap"]
@@ -149,6 +213,7 @@ def dopd_loss(
     thresholds: Thresholds | None = None,
     *,
     denominator: Tensor | float | None = None,
+    token_classes: Tensor | None = None,
 ) -> DOPDOutput:
     """The DOPD loss of one batch of on-policy rollouts.
 
@@ -162,6 +227,9 @@ def dopd_loss(
         thresholds: step-level ``Thresholds`` (see ``compute_thresholds``); None computes them from
             this call's valid tokens.
         denominator: step-level count from ``loss_denominator``; None uses this batch's.
+        token_classes: ``[B, T]`` long, each token's class as an index into
+            ``config.oracle_regimes`` (-1 at padding); only read, and then required, when
+            ``config.routing="oracle"``.
 
     Returns:
         ``DOPDOutput`` with ``loss`` (0-d), ``regimes``, ``advantage_gap``, ``thresholds`` and
@@ -176,5 +244,6 @@ def dopd_loss(
         completion_mask,
         thresholds=thresholds,
         denominator=denominator,
+        token_classes=token_classes,
     )
     return DOPDOutput(**vars(out))

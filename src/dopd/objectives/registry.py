@@ -113,6 +113,20 @@ _SPECS = [
         summary="DOPD ablation: no adaptive objectives (one divergence for every regime)",
     ),
     ObjectiveSpec(
+        "dopd_shuffled_routing",
+        DOPD,
+        DOPDConfig,
+        {"routing": "shuffled"},
+        summary="DOPD control: regime labels permuted at random among tokens (same fractions)",
+    ),
+    ObjectiveSpec(
+        "dopd_oracle_routing",
+        DOPD,
+        DOPDConfig,
+        {"routing": "oracle"},
+        summary="DOPD control: regimes from the task's true token classes",
+    ),
+    ObjectiveSpec(
         "dopd_no_privilege",
         DOPD,
         DOPDConfig,

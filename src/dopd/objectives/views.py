@@ -32,11 +32,17 @@ class TokenViews:
     Attributes:
         logits: view name -> ``[N, V]`` float logits / temperature (only ``"student"`` has grad).
         token_ids: ``[N]`` long, the sampled completion tokens.
+        token_classes: ``[N]`` long, each token's true class as an index into the objective's
+            ``token_class_names``, for objectives that route on it (``uses_token_classes``);
+            None otherwise.
     """
 
-    def __init__(self, logits: dict[str, Tensor], token_ids: Tensor):
+    def __init__(
+        self, logits: dict[str, Tensor], token_ids: Tensor, token_classes: Tensor | None = None
+    ):
         self.logits = logits
         self.token_ids = token_ids
+        self.token_classes = token_classes
 
     @classmethod
     def from_batch(
@@ -45,6 +51,7 @@ class TokenViews:
         completion_ids: Tensor,
         mask: Tensor,
         temperature: float,
+        token_classes: Tensor | None = None,
     ) -> TokenViews:
         """Select valid rows from ``[B, T, V]`` logits (``None`` views are skipped).
 
@@ -53,14 +60,20 @@ class TokenViews:
             completion_ids: ``[B, T]`` long.
             mask: ``[B, T]`` bool.
             temperature: the loss temperature; logits are divided by it.
+            token_classes: ``[B, T]`` long class indices (padding: -1, never selected), or None.
         """
         # [N, V] each
         rows = {name: value[mask] for name, value in logits.items() if value is not None}
-        return cls.from_rows(rows, completion_ids[mask], temperature)
+        classes = None if token_classes is None else token_classes[mask]  # [N]
+        return cls.from_rows(rows, completion_ids[mask], temperature, classes)
 
     @classmethod
     def from_rows(
-        cls, logits: dict[str, Tensor], token_ids: Tensor, temperature: float
+        cls,
+        logits: dict[str, Tensor],
+        token_ids: Tensor,
+        temperature: float,
+        token_classes: Tensor | None = None,
     ) -> TokenViews:
         """Views from logits that are already rows of valid tokens (a whole batch or one chunk).
 
@@ -68,6 +81,7 @@ class TokenViews:
             logits: view name -> ``[N, V]`` logits of any float dtype.
             token_ids: ``[N]`` long.
             temperature: the loss temperature; logits are divided by it.
+            token_classes: ``[N]`` long class indices of the same rows, or None.
         """
         rows = {}
         for name, value in logits.items():
@@ -76,7 +90,7 @@ class TokenViews:
             value = value.to(compute_dtype(value.dtype))  # [N, V]
             # x / 1 is x exactly; skipping it saves one [N, V] copy per view.
             rows[name] = value if temperature == 1.0 else value / temperature
-        return cls(rows, token_ids)
+        return cls(rows, token_ids, token_classes)
 
     @property
     def num_tokens(self) -> int:
@@ -91,3 +105,37 @@ class TokenViews:
     def entropy(self, view: str) -> Tensor:
         """``[N]`` entropy (nats) of ``view`` at every row, detached."""
         return logits_entropy(self.logits[view])
+
+
+def check_token_classes(
+    token_classes: Tensor | None, valid: Tensor, num_classes: int, needed: bool, who: str
+) -> None:
+    """Refuse token classes that an objective routing on them cannot read, naming what is wrong
+    (nothing is checked for an objective that does not read them).
+
+    Args:
+        token_classes: ``[B, T]`` or ``[N]`` long class indices, or None.
+        valid: bool of the same shape, the positions that reach the loss (their class must lie in
+            ``0 .. num_classes - 1``; others, e.g. padding at -1, are not read).
+        num_classes: the number of classes the objective names (``token_class_names``).
+        needed: whether the objective routes on token classes (``uses_token_classes``).
+        who: the objective, for messages.
+    """
+    if not needed:
+        return  # the objective does not read them
+    if token_classes is None:
+        raise ValueError(
+            f"objective {who} routes on the tokens' true classes; pass token_classes "
+            "(long class indices into its token_class_names, -1 at padding)"
+        )
+    if token_classes.shape != valid.shape or token_classes.dtype != torch.long:
+        raise ValueError(
+            f"token_classes must be long of shape {tuple(valid.shape)} like the completion "
+            f"tokens; got {token_classes.dtype} of shape {tuple(token_classes.shape)}"
+        )
+    read = token_classes[valid.bool()]
+    if read.numel() and not ((read >= 0) & (read < num_classes)).all():
+        raise ValueError(
+            f"token_classes of valid tokens must lie in 0 .. {num_classes - 1} (the objective's "
+            f"token_class_names); got values in {int(read.min())} .. {int(read.max())}"
+        )
