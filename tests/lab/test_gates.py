@@ -41,13 +41,14 @@ def _measurements(**changes) -> dict:
         "teacher_on_canonical": {"unavailable_info": 4.0},
     }
     gap_closed = changes.pop("gap_closed", 0.8)
+    pair_gap = changes.pop("pair_gap", 0.5)
     for key, value in changes.items():
         view, token_class = key.split("__")
         if value is None:
             nll[view].pop(token_class)
         else:
             nll[view][token_class] = value
-    return {"gap_closed": gap_closed, "class_nll": nll}
+    return {"pair_gap": pair_gap, "gap_closed": gap_closed, "class_nll": nll}
 
 
 def test_gates_pass_on_a_pair_built_to_pass():
@@ -62,6 +63,7 @@ def test_gates_pass_on_a_pair_built_to_pass():
 @pytest.mark.parametrize(
     ("changes", "failed"),
     [
+        ({"pair_gap": 0.29}, "room_to_learn.pair_gap"),
         ({"gap_closed": 0.59}, "room_to_learn.gap_closed"),
         ({"gap_closed": None}, "room_to_learn.gap_closed"),
         ({"priv_student__learnable_info": 0.2}, "separation.learnable_info_gap"),

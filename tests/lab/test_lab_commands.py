@@ -18,7 +18,7 @@ from dopd.lab.task import load_task
 from tests.tolerance import REORDERED, assert_close
 
 
-@pytest.mark.parametrize("task_name", ["shiftmap", "arithmetic"])
+@pytest.mark.parametrize("task_name", ["shiftmap", "cyclesum", "arithmetic"])
 @pytest.mark.parametrize("suite", sorted(SUITES))
 def test_every_suite_method_is_a_valid_config(tmp_path, suite, task_name):
     task = load_task(task_name)
@@ -83,7 +83,7 @@ def test_summary_interval_is_the_paired_bootstrap_against_vanilla_opd():
 
 
 def test_hints_suite_covers_the_tasks_hint_forms():
-    for name in ("shiftmap", "arithmetic"):
+    for name in ("shiftmap", "cyclesum", "arithmetic"):
         task = load_task(name)
         forms = {method.hint_form for method in suite_methods("hints", task)}
         assert forms == set(task.hint_forms)

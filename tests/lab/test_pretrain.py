@@ -172,7 +172,7 @@ def test_lab_model_dir_is_inside_the_package():
     assert SHIPPED == Path(dopd.lab.__file__).parent / "checkpoints" / "arithmetic"
 
 
-@pytest.mark.parametrize("task", ["arithmetic", "shiftmap"])
+@pytest.mark.parametrize("task", ["arithmetic", "shiftmap", "cyclesum"])
 def test_shipped_checkpoints_are_complete_and_small(task):
     shipped = lab_model_dir(task)
     for role in ("teacher", "student"):
@@ -181,8 +181,9 @@ def test_shipped_checkpoints_are_complete_and_small(task):
     assert size <= 6 * 2**20
 
 
-def test_shipped_shiftmap_pair_shares_one_architecture_differs_in_curriculum_and_passes_gates():
-    shipped = lab_model_dir("shiftmap")
+@pytest.mark.parametrize("task_name", ["shiftmap", "cyclesum"])
+def test_shipped_pair_shares_one_architecture_differs_in_curriculum_and_passes_gates(task_name):
+    shipped = lab_model_dir(task_name)
     report = json.loads((shipped / "pretrain.json").read_text())
     configs = [
         AutoModelForCausalLM.from_pretrained(shipped / role).config.to_dict()
@@ -194,8 +195,8 @@ def test_shipped_shiftmap_pair_shares_one_architecture_differs_in_curriculum_and
     }
     assert report["teacher"]["steps"] == report["student"]["steps"]
     # Recomputed on held-out problems: the teacher solves what the curriculum kept from the
-    # student (wrapping shifts), and the hint does not help the student with that skill.
-    task = load_task("shiftmap")
+    # student, and the hint does not help the student with that skill.
+    task = load_task(task_name)
     problems = task.problems(report["seed"] + EVAL_SEED_OFFSET, 64, split="test")
     hinted = [privileged_prompt(Example(p.prompt, p.hints["decomposition"])) for p in problems]
     accuracy = {}

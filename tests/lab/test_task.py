@@ -215,7 +215,7 @@ class NotATask:
 
 
 def test_load_builtin_task():
-    assert task_names() == ["arithmetic", "shiftmap"]
+    assert task_names() == ["arithmetic", "cyclesum", "shiftmap"]
     task = load_task("arithmetic")
     assert isinstance(task, PlanArithmetic) and task.name == "arithmetic"
 

@@ -4,10 +4,11 @@ A lab result means something only if the pair leaves room to learn and the task'
 behave as designed. ``dopd pretrain`` measures three gates and records them in ``pretrain.json``;
 the suites refuse a pair whose gates fail (``--allow-failed-gates`` overrides, for experiments).
 
-- ``room_to_learn``: supervised training of the student on the teacher's own samples, at the OPD
-  budget of a lab run (steps x prompts x rollouts), closes at least 60% of the teacher-student gap
-  at the best rate of a small grid. Without it, no distillation method can move and every ranking
-  is noise around zero.
+- ``room_to_learn``: the teacher beats the student by at least 0.3 in held-out accuracy without
+  hints, and supervised training of the student on the teacher's own samples, at the OPD budget
+  of a lab run (steps x prompts x rollouts), closes at least 60% of that gap at the best rate of
+  a small grid. Without both, no distillation method can move far and every ranking is noise
+  around zero.
 - ``separation``: with the hint, the privileged student's per-token loss on the hinted solution
   is within 0.1 nats of the teacher's on both information classes (``learnable_info``,
   ``unavailable_info``) and at least 1 nat worse on ``capability`` tokens: the separation that
@@ -49,6 +50,7 @@ class GateSettings:
     sft_generations: int = 4
     sft_warmup_steps: int = 10
     sft_lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    min_pair_gap: float = 0.3  # teacher - student accuracy
     min_gap_closed: float = 0.6
     max_information_gap: float = 0.1  # nats per token
     min_capability_gap: float = 1.0  # nats per token
@@ -71,7 +73,8 @@ def gate_verdicts(measurements: dict, settings: GateSettings = GateSettings()) -
     """The gates from measured numbers (a pure function, so a hand-built case checks it).
 
     Args:
-        measurements: ``gap_closed`` (best fraction of the gap supervised training closed),
+        measurements: ``pair_gap`` (teacher minus student held-out accuracy), ``gap_closed``
+            (best fraction of the gap supervised training closed),
             ``class_nll`` (``{"priv_student"|"teacher"|"plain_teacher": {class: nats}}``, the
             first two on hinted solutions with the hint, ``plain_teacher`` and
             ``teacher_on_canonical`` on canonical solutions without and with the hint).
@@ -88,7 +91,8 @@ def gate_verdicts(measurements: dict, settings: GateSettings = GateSettings()) -
 
     gates = {
         "room_to_learn": {
-            "gap_closed": verdict(measurements["gap_closed"], ">=", settings.min_gap_closed)
+            "pair_gap": verdict(measurements["pair_gap"], ">=", settings.min_pair_gap),
+            "gap_closed": verdict(measurements["gap_closed"], ">=", settings.min_gap_closed),
         },
         "separation": {
             **{
@@ -303,7 +307,11 @@ def measure_gates(
         accuracy_of=accuracy_of,
         progress=progress,
     )
-    measurements = {"gap_closed": supervised["gap_closed"], "class_nll": class_nlls}
+    measurements = {
+        "pair_gap": round(accuracies["teacher"] - accuracies["student"], 4),
+        "gap_closed": supervised["gap_closed"],
+        "class_nll": class_nlls,
+    }
     return {
         "settings": {**asdict(settings), "sft_lr_grid": list(settings.sft_lr_grid)},  # as JSON
         "gap_closed_by_lr": supervised["by_lr"],

@@ -198,9 +198,10 @@ class Task(ABC):
 def _builtin_tasks() -> dict[str, type[Task]]:
     # Imported here: the tasks import this module for Task and Problem.
     from dopd.lab.arithmetic import PlanArithmetic
+    from dopd.lab.cyclesum import CycleSum
     from dopd.lab.shiftmap import ShiftMap
 
-    return {task.name: task for task in (PlanArithmetic, ShiftMap)}
+    return {task.name: task for task in (PlanArithmetic, CycleSum, ShiftMap)}
 
 
 def task_names() -> list[str]:
