@@ -169,14 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--max-examples", type=_positive_int, default=None)
     evaluation.set_defaults(run=_eval)
 
-    demo = add_command("demo", help="the privilege lab in minutes: 4 methods on tiny models, CPU")
+    demo = add_command("demo", help="the privilege lab in minutes: 5 methods on tiny models, CPU")
     demo.add_argument(
         "--output",
         default="runs/demo",
         help="folder for results.json, report.md, plots, tokens.html",
     )
     demo.add_argument(
-        "--steps", type=_positive_int, default=None, help="optimizer steps per method (default 60)"
+        "--steps", type=_positive_int, default=None, help="optimizer steps per method (default 120)"
     )
     _add_gates_flag(demo)
     demo.set_defaults(run=_demo)

@@ -97,5 +97,6 @@ def test_an_external_task_file_pretrains_and_runs_a_suite(tmp_path, monkeypatch)
         "priv_teacher_opd",
         "self_distillation",
         "dopd",
+        "gkd",
     }
     assert set(results["methods"]["dopd"]["class_accuracy"]) <= {"capability", "skill"}

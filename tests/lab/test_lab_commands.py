@@ -107,7 +107,7 @@ def test_demo_path_writes_a_valid_results_json(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     for key in ("teacher_accuracy", "student_accuracy"):
         assert 0.0 <= results[key] <= 1.0
-    assert {"vanilla_opd", "dopd", "priv_teacher_opd", "self_distillation"} <= set(
+    assert {"vanilla_opd", "dopd", "priv_teacher_opd", "self_distillation", "gkd"} <= set(
         results["methods"]
     )
     for name, method in results["methods"].items():
