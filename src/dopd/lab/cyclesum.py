@@ -35,7 +35,7 @@ import random
 
 from dopd.errors import ConfigError
 from dopd.evaluation import extract_answer
-from dopd.lab.task import Problem, Task
+from dopd.lab.task import SAME_ARCHITECTURE, Problem, Task, parse_pairs
 
 DIGITS = "0123456789"
 NO_HINT = "NO HINT"
@@ -56,15 +56,8 @@ def render(digits: str, backward: bool) -> str:
 
 
 def parse(line: str) -> tuple[str, list[tuple[str, str]]] | None:
-    """``("7", [("4", "4"), ...])`` from ``"M7:4>4,..."``; None if malformed."""
-    line = line.strip()
-    if not line.startswith("M") or ":" not in line:
-        return None
-    total, _, body = line[1:].partition(":")
-    pairs = [tuple(item.split(">")) for item in body.split(",")]
-    if not all(len(pair) == 2 and all(len(part) == 1 for part in pair) for pair in pairs):
-        return None
-    return total, pairs
+    """``("7", [("4", "4"), ...])`` from ``M7:4>4,...``; None if malformed."""
+    return parse_pairs(line, "M")
 
 
 class CycleSum(Task):
@@ -75,18 +68,7 @@ class CycleSum(Task):
     characters = DIGITS + "=>,:\nMAXBCKFWDNOHIT "
     hint_forms = ("decomposition", "max", "direction", "none")
     default_hint = "decomposition"
-    pretraining_recipes = {
-        role: {
-            "hidden_size": 128,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 256,
-            "steps": 1500,
-            "learning_rate": 2e-3,
-        }
-        for role in ("teacher", "student")
-    }
+    pretraining_recipes = SAME_ARCHITECTURE  # the pair differs in curriculum only
 
     def __init__(self, items: int = 5):
         if not 3 <= items <= 8:

@@ -41,7 +41,7 @@ import random
 
 from dopd.errors import ConfigError
 from dopd.evaluation import extract_answer
-from dopd.lab.task import Problem, Task
+from dopd.lab.task import SAME_ARCHITECTURE, Problem, Task, parse_pairs
 
 ALPHABET = "abcdefghijklmnop"  # 16 letters; shifts are mod 16
 KEYS = 10  # key = (d1 + d2) % 10
@@ -62,15 +62,8 @@ def render(key: int, order: str) -> str:
 
 
 def parse(line: str) -> tuple[str, list[tuple[str, str]]] | None:
-    """``("8", [("k", "c"), ...])`` from ``"K8:k>c,..."``; None if malformed."""
-    line = line.strip()
-    if not line.startswith("K") or ":" not in line:
-        return None
-    key, _, body = line[1:].partition(":")
-    pairs = [tuple(item.split(">")) for item in body.split(",")]
-    if not all(len(pair) == 2 and all(len(part) == 1 for part in pair) for pair in pairs):
-        return None
-    return key, pairs
+    """``("8", [("k", "c"), ...])`` from ``K8:k>c,...``; None if malformed."""
+    return parse_pairs(line, "K")
 
 
 class ShiftMap(Task):
@@ -81,19 +74,7 @@ class ShiftMap(Task):
     characters = ALPHABET + "0123456789 =>,:\nKEYORDNHIT"
     hint_forms = ("decomposition", "key", "order", "none")
     default_hint = "decomposition"
-    # One architecture and budget for both models: the pair differs in curriculum only.
-    pretraining_recipes = {
-        role: {
-            "hidden_size": 128,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 256,
-            "steps": 1500,
-            "learning_rate": 2e-3,
-        }
-        for role in ("teacher", "student")
-    }
+    pretraining_recipes = SAME_ARCHITECTURE  # the pair differs in curriculum only
 
     def __init__(self, items: int = 4, free_order_share: float = 1.0):
         if not 1 <= items <= 6:

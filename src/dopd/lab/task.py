@@ -105,6 +105,35 @@ class Problem:
         return self.hinted_solutions.get(hint_form, self.solution)
 
 
+# One architecture and budget for both models, for tasks whose pair differs in curriculum only
+# (``pretraining_recipes``; the shipped shiftmap and cyclesum pairs).
+SAME_ARCHITECTURE = {
+    role: {
+        "hidden_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 256,
+        "steps": 1500,
+        "learning_rate": 2e-3,
+    }
+    for role in ("teacher", "student")
+}
+
+
+def parse_pairs(line: str, head: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """``("8", [("k", "c"), ...])`` from ``"K8:k>c,..."`` with ``head="K"``: the character after
+    the head and the one-character pairs after the colon; None if malformed."""
+    line = line.strip()
+    if not line.startswith(head) or ":" not in line:
+        return None
+    value, _, body = line[len(head) :].partition(":")
+    pairs = [tuple(item.split(">")) for item in body.split(",")]
+    if not all(len(pair) == 2 and all(len(part) == 1 for part in pair) for pair in pairs):
+        return None
+    return value, pairs
+
+
 class Task(ABC):
     """A family of problems. Subclasses set ``name`` and ``characters`` and define ``problem``."""
 
