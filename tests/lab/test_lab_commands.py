@@ -11,7 +11,7 @@ import pytest
 from dopd.lab import commands
 from dopd.lab.methods import SUITES, suite_methods
 from dopd.lab.pretrain import lab_model_dir
-from dopd.lab.report import summarize, table_rows
+from dopd.lab.report import class_rows, class_scores, summarize, table_rows
 from dopd.lab.runner import DATA_SEEDS, LabSettings, RunResult, method_config, write_data
 from dopd.lab.stats import paired_bootstrap
 from dopd.lab.task import load_task
@@ -159,3 +159,28 @@ def test_validation_never_repeats_a_test_problem(tmp_path):
     assert prompts["test"] == [
         e.prompt for e in task.examples(DATA_SEEDS["test"], 300, split="test")
     ]
+
+
+def test_class_scores_average_shared_classes_and_define_the_illusion_index():
+    runs = [
+        {"capability": 0.2, "unavailable_info": 0.9, "format": 1.0},
+        {"capability": 0.4, "unavailable_info": 0.7},
+    ]
+    scores = class_scores(runs)
+    assert scores["class_accuracy"].keys() == {"capability", "unavailable_info"}  # shared only
+    assert_close(scores["class_accuracy"]["capability"], 0.3, ulps=REORDERED)
+    assert_close(scores["illusion_index"], 1.0 - 0.8, ulps=REORDERED)
+    assert class_scores([{"plan": 1.0}])["illusion_index"] is None
+    summary = {
+        "teacher_classes": class_scores([{"capability": 1.0, "unavailable_info": 1.0}]),
+        "student_classes": class_scores([{}]),
+        "methods": {
+            "a": {"accuracy": 0.1, **class_scores([{"capability": 0.5}])},
+            "b": {"accuracy": 0.9, **scores},
+        },
+    }
+    rows = class_rows(summary)
+    assert rows[0] == ["model", "capability", "unavailable_info", "illusion index"]
+    # The pretrained teacher, then methods by accuracy; a model that judged no token is left out.
+    assert [row[0] for row in rows[1:]] == ["teacher (pretrained)", "b", "a"]
+    assert rows[3] == ["a", "0.500", "-", "-"]
