@@ -88,6 +88,7 @@ def test_an_external_task_file_pretrains_and_runs_a_suite(tmp_path, monkeypatch)
     # Its gates failed, so a suite refuses the pair unless told otherwise.
     with pytest.raises(ConfigError, match="failed its gates.*--allow-failed-gates"):
         commands.run_suite("demo", settings, tmp_path / "lab", tune=False, command="test")
+    assert sorted(path.name for path in (tmp_path / "lab").iterdir()) == ["models"]
     settings = replace(settings, allow_failed_gates=True)
     commands.run_suite("demo", settings, tmp_path / "lab", tune=False, command="test")
     results = json.loads((tmp_path / "lab" / "results.json").read_text())

@@ -119,9 +119,10 @@ def _run_suite(
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-run checkpoint chatter
     task = load_task(settings.task)
     methods = suite_methods(suite, task)
-    output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = model_pair(task, settings.task, output_dir)
+    # Refused before anything is written (a pair pretrained just now stays, for reuse).
     gates = pair_gates(model_dir, allow_failed=settings.allow_failed_gates)
+    output_dir.mkdir(parents=True, exist_ok=True)
     hint_forms = {method.hint_form or task.default_hint for method in methods}
     files = write_data(task, settings, output_dir / "data", hint_forms)
     baselines = baseline_accuracies(task, model_dir, settings, files)
