@@ -50,6 +50,15 @@ def _by_hand(config: DOPDConfig, batch, regimes: np.ndarray):
     return reduce(per_token, mask), grad, per_token
 
 
+def _assert_matches_by_hand(out, batch, config: DOPDConfig, regimes: np.ndarray) -> None:
+    """Loss, gradient and per-token loss of ``out`` (after ``backward``) equal the reference's
+    with ``regimes`` imposed."""
+    loss, grad, per_token = _by_hand(config, batch, regimes)
+    assert_close(out.loss, loss, ulps=ANALYTIC)
+    assert_close(batch.student.grad, grad, ulps=ANALYTIC)
+    assert_close(out.per_token_loss, per_token, ulps=ANALYTIC)
+
+
 def _run(batch, config, **kwargs):
     return dopd_loss(
         batch.student, batch.priv_student, batch.teacher, batch.ids, batch.mask, config, **kwargs
@@ -106,10 +115,7 @@ def test_shuffled_routing_loss_is_the_reference_with_the_permuted_regimes(reduct
     regimes[valid] = gap_regimes[valid][permutation]
     assert not np.array_equal(regimes, gap_regimes)
     np.testing.assert_array_equal(out.regimes.numpy(), regimes)
-    loss, grad, per_token = _by_hand(config, batch, regimes)
-    assert_close(out.loss, loss, ulps=ANALYTIC)
-    assert_close(batch.student.grad, grad, ulps=ANALYTIC)
-    assert_close(out.per_token_loss, per_token, ulps=ANALYTIC)
+    _assert_matches_by_hand(out, batch, config, regimes)
 
 
 def test_shuffled_routing_registry_entry():
@@ -164,10 +170,7 @@ def test_oracle_routing_loss_is_the_reference_with_the_class_regimes(reduction):
     table = [REGIMES.index(regime) for regime in DEFAULT_ORACLE_REGIMES.values()]
     regimes = np.array([[table[c] if c >= 0 else -1 for c in row] for row in classes.tolist()])
     np.testing.assert_array_equal(out.regimes.numpy(), regimes)
-    loss, grad, per_token = _by_hand(config, batch, regimes)
-    assert_close(out.loss, loss, ulps=ANALYTIC)
-    assert_close(batch.student.grad, grad, ulps=ANALYTIC)
-    assert_close(out.per_token_loss, per_token, ulps=ANALYTIC)
+    _assert_matches_by_hand(out, batch, config, regimes)
 
 
 def test_oracle_routing_needs_valid_token_classes():

@@ -32,7 +32,7 @@ from dopd.lab.runner import (
     DATA_SEEDS,
     LabSettings,
     RunResult,
-    baseline_accuracies,
+    baseline_scores,
     run_method,
     write_data,
 )
@@ -125,7 +125,7 @@ def _run_suite(
     output_dir.mkdir(parents=True, exist_ok=True)
     hint_forms = {method.hint_form or task.default_hint for method in methods}
     files = write_data(task, settings, output_dir / "data", hint_forms)
-    baselines = baseline_accuracies(task, model_dir, settings, files)
+    baselines = baseline_scores(task, model_dir, settings, files)
     context = {
         "task": task,
         "settings": settings,

@@ -69,7 +69,7 @@ def verdict(value: float | None, rule: str, threshold: float) -> dict:
     return {"value": value, "rule": rule, "threshold": threshold, "passed": passed}
 
 
-def gate_verdicts(measurements: dict, settings: GateSettings = GateSettings()) -> dict:
+def gate_verdicts(measurements: dict, settings: GateSettings = DEFAULT_GATES) -> dict:
     """The gates from measured numbers (a pure function, so a hand-built case checks it).
 
     Args:
@@ -278,7 +278,7 @@ def measure_gates(
     *,
     seed: int,
     accuracy_of,
-    settings: GateSettings = GateSettings(),
+    settings: GateSettings = DEFAULT_GATES,
     progress: bool = True,
 ) -> dict:
     """Every measurement behind the gates, and their verdicts, as ``pretrain.json`` records them:

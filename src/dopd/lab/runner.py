@@ -216,7 +216,7 @@ def held_out(model, tokenizer, task: Task, test_file: Path, settings: LabSetting
     return HeldOut([sample["correct"] for sample in result.samples], class_accuracy)
 
 
-def baseline_accuracies(
+def baseline_scores(
     task: Task, model_dir: Path, settings: LabSettings, files: dict[str, Path]
 ) -> dict[str, HeldOut]:
     """The pretrained teacher's and student's scores on the test split, without privileged

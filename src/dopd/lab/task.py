@@ -156,8 +156,8 @@ class Task(ABC):
     def pretraining_problem(self, role: str, rng: random.Random) -> Problem:
         """One pretraining problem for ``role`` (``"teacher"`` or ``"student"``): each model's
         pretraining distribution, or curriculum. The default shows both models the same
-        ``"train"`` problems; a task whose pair should differ in what it was shown, not in
-        capacity, draws the student's from a narrower distribution. Must draw only ``"train"``
+        ``"train"`` problems (a pair that differs in one skill is better made with
+        ``unsupervised_classes``, which keeps the inputs alike). Must draw only ``"train"``
         prompts (``draw(rng, "train")`` or a filter of the same kind)."""
         return self.draw(rng, "train")
 
@@ -177,12 +177,10 @@ class Task(ABC):
         rng = random.Random(seed)
         return [self.draw(rng, split) for _ in range(count)]
 
-    def draw(self, rng: random.Random, split: str | None = None, *, source=None) -> Problem:
-        """One problem from ``rng``, redrawn until its prompt lies in ``split`` (None: any).
-        ``source`` (``rng -> Problem``, default ``problem``) is the distribution drawn from."""
-        source = source or self.problem
+    def draw(self, rng: random.Random, split: str | None = None) -> Problem:
+        """One problem from ``rng``, redrawn until its prompt lies in ``split`` (None: any)."""
         for _ in range(MAX_REDRAWS):
-            problem = source(rng)
+            problem = self.problem(rng)
             if split is None or split_of(problem.prompt) == split:
                 return problem
         raise ConfigError(
