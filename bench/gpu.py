@@ -109,7 +109,7 @@ def settings(smoke: bool) -> dict:
 
 def characters(vocab: int) -> str:
     """The data's characters, then other code points (no surrogates) up to ``vocab`` tokens."""
-    from dopd.tiny import SPECIAL_TOKENS
+    from dopd.modeling.tiny import SPECIAL_TOKENS
 
     alphabet, code = list(DATA_CHARACTERS), 0x100
     while len(alphabet) < vocab - len(SPECIAL_TOKENS):
@@ -168,7 +168,7 @@ def step_config(objective: str, setup: dict, output_dir: Path):
 
 def time_step(objective: str, setup: dict) -> dict:
     """Median seconds per part over the timed steps (after one warm-up), peak memory, tokens."""
-    from dopd.trainer import Trainer
+    from dopd.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()

@@ -28,10 +28,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import dopd.trainer
+import dopd.training.trainer
 from dopd.config import LOSS_PATHS, TrainConfig, from_dict
-from dopd.step import run_step
-from dopd.trainer import Trainer
+from dopd.training.step import run_step
+from dopd.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("time/generation", "time/scoring", "time/forward_backward", "time/step")
@@ -96,7 +96,7 @@ def compare_paths(objective: str, args: argparse.Namespace) -> dict[str, float]:
             seconds[path].append(time.perf_counter() - start)
         return out
 
-    dopd.trainer.run_step = both_paths
+    dopd.training.trainer.run_step = both_paths
     time_objective(objective, args)
     return {path: statistics.median(values[1:]) for path, values in seconds.items()}
 

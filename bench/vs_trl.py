@@ -14,9 +14,9 @@ step in turn, interleaved round by round so that load on a shared machine hits a
 * ``reverse_kl_full``: dopd's ``reverse_kl_full`` with the plain teacher and ``token_mean``, the
   objective equal to TRL's loss (checked here on one batch: loss and gradient).
 
-Identical random-init Qwen3 student and teacher (``dopd.tiny``, same seeds), the same prompts per
-step (dopd's prompt schedule, each prompt repeated ``--generations`` times for TRL, which samples
-one completion per row), the same micro-batch and accumulation, AdamW with the same cosine
+Identical random-init Qwen3 student and teacher (``dopd.modeling.tiny``, same seeds), the same
+prompts per step (dopd's prompt schedule, each prompt repeated ``--generations`` times for TRL,
+which samples one completion per row), the same micro-batch and accumulation, AdamW with the same cosine
 schedule, float32 on CPU, sampling at temperature 1 up to ``--length`` tokens with the same EOS.
 The two samplers draw different completions, so the tokens per step are reported next to the
 times. Wall and process CPU time are both recorded (``--threads 1`` by default: CPU time then
@@ -55,14 +55,14 @@ import transformers
 from datasets import Dataset
 from transformers import TrainerCallback, get_cosine_schedule_with_warmup
 
-import dopd.trainer as dopd_trainer
-from dopd.alignment import build_view_inputs, completion_logits, left_pad
+import dopd.training.trainer as dopd_trainer
 from dopd.config import TrainConfig, from_dict
-from dopd.data import load_examples
-from dopd.models import load_model
+from dopd.io.data import load_examples
+from dopd.modeling.alignment import build_view_inputs, completion_logits, left_pad
+from dopd.modeling.loading import load_model
 from dopd.objectives.base import objective_loss
-from dopd.rollout import generate_rollouts, rollout_seeds
-from dopd.trainer import Trainer
+from dopd.training.rollout import generate_rollouts, rollout_seeds
+from dopd.training.trainer import Trainer
 from gpu import DATA_CHARACTERS, characters
 
 ROOT = Path(__file__).resolve().parents[1]

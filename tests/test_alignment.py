@@ -1,4 +1,5 @@
-"""Tests of dopd.alignment: EOS masks, view layout, and per-token scores equal to unpadded ones."""
+"""Tests of dopd.modeling.alignment: EOS masks, view layout, and per-token scores equal to
+unpadded ones."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dopd.alignment import (
+from dopd.errors import DOPDError
+from dopd.modeling.alignment import (
     HeadInputs,
     build_view_inputs,
     check_aligned,
@@ -19,8 +21,7 @@ from dopd.alignment import (
     completion_mask_after_eos,
     output_head_problem,
 )
-from dopd.errors import DOPDError
-from dopd.tiny import build_tiny_model
+from dopd.modeling.tiny import build_tiny_model
 from tests.tolerance import REORDERED, assert_close
 
 VOCAB = 64

@@ -18,19 +18,19 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-import dopd.models
+import dopd.modeling.loading
 from dopd.cli import main
 from dopd.config import ModelSpec, TokenizerSpec, load_config
-from dopd.data import load_examples, tokenize_views
 from dopd.errors import ConfigError
-from dopd.models import (
+from dopd.io.data import load_examples, tokenize_views
+from dopd.modeling.loading import (
     check_sources,
     common_vocabulary,
     load_model,
     load_tokenizer,
     output_size,
 )
-from dopd.tiny import build_char_tokenizer, build_tiny_model
+from dopd.modeling.tiny import build_char_tokenizer, build_tiny_model
 from dopd.viz.tokens import render_rollouts_html
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,7 +413,7 @@ def test_overlong_prompts_error_mode_and_all_skipped(tmp_path, capsys):
 
 
 def test_overlong_prompts_are_skipped_with_a_counted_warning(tmp_path, capsys):
-    from dopd.trainer import Trainer
+    from dopd.training.trainer import Trainer
 
     examples = load_examples(TINY.data.train)
     plain, privileged = tokenize_views(examples, build_char_tokenizer(TINY.tokenizer.characters))
@@ -504,7 +504,7 @@ def test_unexpected_error_is_one_line_suggesting_debug(tmp_path, capsys, monkeyp
     def broken(config):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(dopd.models, "check_sources", broken)
+    monkeypatch.setattr(dopd.modeling.loading, "check_sources", broken)
     status, stderr = train(capsys, tmp_path / "run")
     lines = [line for line in stderr.splitlines() if line.strip()]
     expected = (
@@ -571,7 +571,7 @@ def recorders(monkeypatch) -> dict[str, Recorder]:
         "AutoConfig": Recorder(FakeConfig()),
     }
     for name, fake in fakes.items():
-        monkeypatch.setattr(dopd.models, name, fake)
+        monkeypatch.setattr(dopd.modeling.loading, name, fake)
     return fakes
 
 

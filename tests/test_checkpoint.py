@@ -19,8 +19,10 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from dopd.atomic import publishing, replacing
-from dopd.checkpoint import (
+from dopd.config import load_config
+from dopd.errors import DOPDError
+from dopd.io.atomic import publishing, replacing
+from dopd.training.checkpoint import (
     MANIFEST,
     _flatten_optimizer,
     _unflatten_optimizer,
@@ -30,9 +32,7 @@ from dopd.checkpoint import (
     require_support,
     verify_checkpoint,
 )
-from dopd.config import load_config
-from dopd.errors import DOPDError
-from dopd.trainer import Trainer, _truncate_metrics
+from dopd.training.trainer import Trainer, _truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY, DATA = str(ROOT / "configs" / "tiny.yaml"), str(ROOT / "configs" / "data" / "tiny.jsonl")

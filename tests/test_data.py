@@ -1,4 +1,4 @@
-"""Tests of dopd.data: loading, privileged prompts, and identical tokenization of both views."""
+"""Tests of dopd.io.data: loading, privileged prompts, and identical tokenization of both views."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from dopd.data import (
+from dopd.errors import ConfigError, DataError
+from dopd.io.data import (
     DEFAULT_PRIVILEGED_TEMPLATE,
     Example,
     load_examples,
@@ -19,8 +20,7 @@ from dopd.data import (
     tokenize_prompt,
     tokenize_views,
 )
-from dopd.errors import ConfigError, DataError
-from dopd.tiny import build_char_tokenizer
+from dopd.modeling.tiny import build_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CHARACTERS = "0123456789+-*=() ,\nabcdefghijklmnopqrstuvwxyz<>"

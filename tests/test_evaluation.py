@@ -1,4 +1,4 @@
-"""Tests of dopd.evaluation: answer extraction, the built-in and file verifiers, and greedy
+"""Tests of dopd.training.evaluation: answer extraction, the built-in and file verifiers, and greedy
 held-out accuracy on a tiny model."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dopd.errors import ConfigError
-from dopd.evaluation import (
+from dopd.modeling.tiny import build_char_tokenizer, build_tiny_model
+from dopd.training.evaluation import (
     EvalResult,
     evaluate,
     exact_match,
@@ -15,7 +16,6 @@ from dopd.evaluation import (
     load_verifier,
     numeric_match,
 )
-from dopd.tiny import build_char_tokenizer, build_tiny_model
 
 CHARACTERS = "0123456789+*="
 PROMPTS = ["1+2=", "12*34+5=", "7=", "99*9=", "3*3*3+1=", "8*8="]

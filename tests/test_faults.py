@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from dopd.data import load_examples
 from dopd.errors import DataError, DOPDError
-from dopd.trainer import Trainer
+from dopd.io.data import load_examples
+from dopd.training.trainer import Trainer
 from tests.test_trainer import tiny_config
 
 

@@ -24,15 +24,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dopd.config import load_config
-from dopd.data import (
+from dopd.errors import ConfigError, DataError
+from dopd.io.data import (
     Example,
     check_privileged_template,
     load_examples,
     privileged_prompt,
     tokenize_views,
 )
-from dopd.errors import ConfigError, DataError
-from dopd.tiny import build_char_tokenizer
+from dopd.modeling.tiny import build_char_tokenizer
 from dopd.viz.tokens import render_rollouts_html
 
 # Full-count fuzzing takes a while: the inner loop (-m "not slow") skips it, CI runs it.

@@ -1,5 +1,6 @@
-"""Tests of dopd.rollout (hash uniforms, exact Gumbel-max sampling, batch-invariant rollouts, token
-classes) and of dopd.trainer.PromptSampler (the per-step prompt schedule)."""
+"""Tests of dopd.training.rollout (hash uniforms, exact Gumbel-max sampling, batch-invariant
+rollouts, token classes) and of
+dopd.training.trainer.PromptSampler (the per-step prompt schedule)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from transformers.generation.logits_process import (
 )
 
 from dopd.errors import ConfigError, DOPDError
-from dopd.rollout import (
+from dopd.modeling.tiny import build_char_tokenizer, build_tiny_model
+from dopd.training.rollout import (
     HashGumbelSampler,
     Rollouts,
     completion_token_classes,
@@ -26,8 +28,7 @@ from dopd.rollout import (
     hash_uniform,
     rollout_seeds,
 )
-from dopd.tiny import build_char_tokenizer, build_tiny_model
-from dopd.trainer import PromptSampler
+from dopd.training.trainer import PromptSampler
 from tests.tolerance import tolerance
 
 MASK64 = (1 << 64) - 1

@@ -1,5 +1,6 @@
-"""dopd.step on tiny models: the chunked loss path against the reference path (loss, every metric,
-every gradient), its fallback, its memory bound, and the trainer taking it by default."""
+"""dopd.training.step on tiny models: the chunked loss path against the reference path (loss,
+every metric, every gradient), its fallback, its memory bound, and the trainer taking it by
+default."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from accelerate import Accelerator
 from accelerate.utils import convert_outputs_to_fp32
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dopd import step
 from dopd.errors import DOPDError
+from dopd.modeling.tiny import build_tiny_model
 from dopd.objectives import chunked
 from dopd.objectives.registry import build_objective
-from dopd.step import choose_path, make_micro_batches, run_step
-from dopd.tiny import build_tiny_model
+from dopd.training import step
+from dopd.training.step import choose_path, make_micro_batches, run_step
 from tests.tolerance import REORDERED, assert_close
 
 VOCAB, PAD = 50, 0
@@ -230,7 +231,7 @@ def test_chunked_path_never_projects_more_than_a_chunk(monkeypatch):
 
 def test_trainer_takes_the_chunked_path_by_default(tmp_path, monkeypatch):
     from dopd.config import load_config
-    from dopd.trainer import Trainer
+    from dopd.training.trainer import Trainer
 
     calls = []
     original = step.chunked_objective_loss

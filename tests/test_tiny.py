@@ -1,4 +1,4 @@
-"""Tests of dopd.tiny: the character tokenizer and the seeded tiny Qwen3 model."""
+"""Tests of dopd.modeling.tiny: the character tokenizer and the seeded tiny Qwen3 model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dopd.tiny import (
+from dopd.modeling.tiny import (
     CHAT_TEMPLATE,
     ROLE_TOKENS,
     SPECIAL_TOKENS,

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from dopd.config import load_config
 from dopd.errors import ConfigError
 from dopd.objectives.registry import OBJECTIVES, build_objective
-from dopd.rollout import generate_rollouts, rollout_seeds
-from dopd.step import make_micro_batches, run_step
-from dopd.trainer import Trainer
+from dopd.training.rollout import generate_rollouts, rollout_seeds
+from dopd.training.step import make_micro_batches, run_step
+from dopd.training.trainer import Trainer
 from tests.tolerance import REORDERED, assert_close
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dopd.alignment import completion_hidden_states, completion_logits, vocabulary_slice
 from dopd.config import load_config
 from dopd.errors import DOPDError
+from dopd.modeling.alignment import completion_hidden_states, completion_logits, vocabulary_slice
+from dopd.modeling.tiny import build_char_tokenizer
 from dopd.objectives.base import objective_loss
-from dopd.rollout import generate_rollouts, rollout_seeds
-from dopd.step import make_micro_batches, run_step
-from dopd.tiny import build_char_tokenizer
-from dopd.trainer import Trainer
+from dopd.training.rollout import generate_rollouts, rollout_seeds
+from dopd.training.step import make_micro_batches, run_step
+from dopd.training.trainer import Trainer
 from tests.tolerance import REORDERED, assert_close
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ from dopd.errors import DOPDError
 
 def _train(args: argparse.Namespace) -> None:
     from dopd.config import load_config
-    from dopd.models import check_sources
-    from dopd.trainer import Trainer
+    from dopd.modeling.loading import check_sources
+    from dopd.training.trainer import Trainer
 
     config = load_config(args.config, args.set)
     check_sources(config)  # before any weights load or output_dir changes
@@ -35,9 +35,9 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dopd.data import load_examples, tokenize_views
-    from dopd.evaluation import evaluate, load_verifier
-    from dopd.models import load_pretrained
+    from dopd.io.data import load_examples, tokenize_views
+    from dopd.modeling.loading import load_pretrained
+    from dopd.training.evaluation import evaluate, load_verifier
 
     if not os.path.isdir(args.model):
         raise DOPDError(

@@ -21,6 +21,15 @@ class DataError(DOPDError, ValueError):
     """A dataset file or row is missing, unreadable, or lacks a required field."""
 
 
+def quote(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, shortened; never raises (ints beyond Python's digit limit cannot print)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def require_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     """Raise ``ConfigError`` unless ``value`` is one of ``choices``."""
     choices = tuple(choices)

@@ -11,8 +11,8 @@ import statistics
 import pytest
 import torch
 
-from dopd.data import Example, privileged_prompt, tokenize_prompt
 from dopd.errors import ConfigError
+from dopd.io.data import Example, privileged_prompt, tokenize_prompt
 from dopd.lab.commands import pair_gates
 from dopd.lab.gates import (
     GateSettings,
@@ -24,7 +24,7 @@ from dopd.lab.gates import (
 )
 from dopd.lab.pretrain import ModelRecipe, build_model
 from dopd.lab.shiftmap import ShiftMap
-from dopd.tiny import build_char_tokenizer
+from dopd.modeling.tiny import build_char_tokenizer
 
 TASK = ShiftMap(items=2)
 TOKENIZER = build_char_tokenizer(TASK.characters)

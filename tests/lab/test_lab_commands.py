@@ -9,12 +9,12 @@ from dataclasses import replace
 import pytest
 
 from dopd.lab import commands
+from dopd.lab.catalog import load_task
 from dopd.lab.methods import SUITES, suite_methods
 from dopd.lab.pretrain import lab_model_dir
 from dopd.lab.report import class_rows, class_scores, summarize, table_rows
 from dopd.lab.runner import DATA_SEEDS, LabSettings, RunResult, method_config, write_data
 from dopd.lab.stats import paired_bootstrap
-from dopd.lab.task import load_task
 from tests.tolerance import REORDERED, assert_close
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
+from dopd.lab.catalog import load_task
 from dopd.lab.placement import placement_table, regime_placement
-from dopd.lab.task import load_task
 from dopd.objectives.routing import REGIMES
 from tests.tolerance import REORDERED, assert_close
 

@@ -13,22 +13,22 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dopd.data import DEFAULT_PRIVILEGED_TEMPLATE, Example, privileged_prompt
+from dopd.io.data import DEFAULT_PRIVILEGED_TEMPLATE, Example, privileged_prompt
 from dopd.lab.arithmetic import PlanArithmetic
+from dopd.lab.catalog import load_task
 from dopd.lab.gates import GateSettings, class_nll
 from dopd.lab.pretrain import (
     EVAL_SEED_OFFSET,
     ModelRecipe,
     PretrainOptions,
-    collate,
     lab_model_dir,
     pretrain_pair,
     training_row,
     view_accuracy,
-    warmup_cosine,
 )
-from dopd.lab.task import Problem, Task, load_task
-from dopd.tiny import build_char_tokenizer
+from dopd.lab.supervised import collate, warmup_cosine
+from dopd.lab.task import Problem, Task
+from dopd.modeling.tiny import build_char_tokenizer
 from tests.tolerance import REORDERED, assert_close
 
 TASK = PlanArithmetic()

@@ -10,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dopd.errors import ConfigError
-from dopd.lab.pretrain import collate
+from dopd.lab.catalog import load_task
 from dopd.lab.shiftmap import ALPHABET, ShiftMap, parse
-from dopd.lab.task import load_task, split_of
-from dopd.tiny import build_char_tokenizer
+from dopd.lab.supervised import collate
+from dopd.lab.task import split_of
+from dopd.modeling.tiny import build_char_tokenizer
 
 TASK = ShiftMap()
 

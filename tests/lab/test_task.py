@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dopd.data import DEFAULT_PRIVILEGED_TEMPLATE, Example, privileged_prompt
 from dopd.errors import ConfigError
+from dopd.io.data import DEFAULT_PRIVILEGED_TEMPLATE, Example, privileged_prompt
 from dopd.lab.arithmetic import PlanArithmetic
-from dopd.lab.task import HINT_FORMS, Problem, Task, load_task, split_of, task_names
-from dopd.tiny import build_char_tokenizer
+from dopd.lab.catalog import load_task, task_names
+from dopd.lab.task import HINT_FORMS, Problem, Task, split_of
+from dopd.modeling.tiny import build_char_tokenizer
 
 TASK = PlanArithmetic()
 TOKENIZER = build_char_tokenizer(TASK.characters)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dopd.errors import ConfigError
+from dopd.lab.catalog import load_task
 from dopd.lab.gates import failed_checks
 from dopd.lab.methods import Method, suite_methods
 from dopd.lab.placement import placement_table, regime_placement
@@ -36,7 +37,7 @@ from dopd.lab.runner import (
     run_method,
     write_data,
 )
-from dopd.lab.task import Task, load_task
+from dopd.lab.task import Task
 from dopd.viz.plots import plot_curves, plot_regimes
 from dopd.viz.tokens import write_rollouts_html
 

@@ -34,8 +34,8 @@ from __future__ import annotations
 import random
 
 from dopd.errors import ConfigError
-from dopd.evaluation import extract_answer
 from dopd.lab.task import SAME_ARCHITECTURE, Problem, Task, parse_pairs
+from dopd.training.evaluation import extract_answer
 
 DIGITS = "0123456789"
 NO_HINT = "NO HINT"

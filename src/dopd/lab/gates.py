@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dopd.data import Example, privileged_prompt, tokenize_prompt
+from dopd.io.data import Example, privileged_prompt, tokenize_prompt
+from dopd.lab.supervised import collate, completion_budget, warmup_cosine
 from dopd.lab.task import Problem, Task
-from dopd.rollout import generate_rollouts, rollout_seeds
+from dopd.training.rollout import generate_rollouts, rollout_seeds
 
 CAPABILITY = "capability"
 INFORMATION = ("learnable_info", "unavailable_info")
@@ -152,9 +153,6 @@ def class_nll(
         class name -> mean NLL over every token of that class in ``problems`` (the closing EOS
         is not scored); empty when the task defines no token roles.
     """
-    # Imported here: pretrain imports this module to measure the gates after training.
-    from dopd.lab.pretrain import collate
-
     totals: dict[str, list[float]] = defaultdict(list)
     rows = [_scored_row(problem, hint_form, target_form) for problem in problems]
     for start in range(0, len(rows), batch_size):
@@ -209,8 +207,6 @@ def supervised_gap_closed(
         ``{"gap_closed": best fraction, "by_lr": {lr: fraction}}``; the fraction is
         (accuracy - student) / (teacher - student) with ``accuracies`` the pretrained pair's.
     """
-    from dopd.lab.pretrain import collate, warmup_cosine
-
     rows = teacher_samples(teacher, tokenizer, task, seed=seed, settings=settings)
     per_step = settings.sft_prompts_per_step * settings.sft_generations
     gap = accuracies["teacher"] - accuracies["student"]
@@ -242,8 +238,6 @@ def teacher_samples(
 ) -> list[tuple[str, str]]:
     """``(prompt, completion)`` pairs the teacher samples on fresh ``"train"`` prompts, in the
     order the supervised gate consumes them (prompt-major, ``sft_generations`` per prompt)."""
-    from dopd.lab.pretrain import completion_budget
-
     count = settings.sft_steps * settings.sft_prompts_per_step
     rng = random.Random(seed + SFT_SEED_OFFSET)
     prompts = [task.draw(rng, "train").prompt for _ in range(count)]

@@ -21,7 +21,6 @@ and ``DIR/pretrain.json`` (sizes, steps, seed, wall time, accuracies, and the ga
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from contextlib import contextmanager
@@ -31,11 +30,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dopd.data import Example, privileged_prompt, tokenize_prompt
-from dopd.evaluation import evaluate
+from dopd.io.data import Example, privileged_prompt, tokenize_prompt
+from dopd.lab.catalog import load_task
 from dopd.lab.gates import DEFAULT_GATES, GateSettings, measure_gates
-from dopd.lab.task import Problem, Task, load_task
-from dopd.tiny import build_char_tokenizer, build_tiny_model
+from dopd.lab.supervised import collate, completion_budget, warmup_cosine
+from dopd.lab.task import Problem, Task
+from dopd.modeling.tiny import build_char_tokenizer, build_tiny_model
+from dopd.training.evaluation import evaluate
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 NO_HINT = "no_hint"  # the accuracy key of plain prompts (no privileged context at all)
@@ -231,14 +232,6 @@ def train(
     model.eval()
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate factor: linear warmup to 1, then cosine decay to 0.1 at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def training_row(
     task: Task, rng: random.Random, options: PretrainOptions, role: str
 ) -> tuple[str, str]:
@@ -254,40 +247,6 @@ def training_row(
     form = task.default_hint if hinted_share < default_share or not others else rng.choice(others)
     example = Example(problem.prompt, problem.hints[form], problem.answer)
     return privileged_prompt(example), problem.solution_for(form)
-
-
-def collate(
-    rows: list[tuple[str, str]],
-    tokenizer,
-    *,
-    task: Task | None = None,
-    unsupervised: frozenset[str] = frozenset(),
-) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (all ``[B, L]`` long) of
-    ``[prompt ids | solution ids, EOS]``; labels are -100 outside the solution and EOS, and at
-    solution tokens whose class (``task.token_roles``) is in ``unsupervised``."""
-    sequences, label_rows = [], []
-    for prompt, solution in rows:
-        prompt_ids = tokenize_prompt(prompt, tokenizer)
-        solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
-        targets = list(solution_ids)
-        if unsupervised:
-            roles = task.token_roles(tokenizer.convert_ids_to_tokens(solution_ids))
-            targets = [-100 if role in unsupervised else i for i, role in zip(targets, roles)]
-        solution_ids.append(tokenizer.eos_token_id)
-        sequences.append(prompt_ids + solution_ids)
-        label_rows.append([-100] * len(prompt_ids) + targets + [tokenizer.eos_token_id])
-    length = max(len(sequence) for sequence in sequences)
-    # Right padding keeps positions 0..n-1 per row, as generate() assigns them to left-padded
-    # prompts from the attention mask.
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)  # [B, L]
-    labels = torch.full((len(rows), length), -100)  # [B, L]
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)  # [B, L]
-    for row, (sequence, label_row) in enumerate(zip(sequences, label_rows)):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        labels[row, : len(sequence)] = torch.tensor(label_row)
-        attention_mask[row, : len(sequence)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,11 +288,3 @@ def view_accuracy(
         max_new_tokens=completion_budget(problems, tokenizer),
         batch_size=options.eval_batch_size,
     ).accuracy
-
-
-def completion_budget(problems: list[Problem], tokenizer) -> int:
-    """Tokens a greedy completion may use: the longest solution, its EOS, and a little slack."""
-    longest = max(
-        len(tokenizer(p.solution, add_special_tokens=False)["input_ids"]) for p in problems
-    )
-    return longest + 4

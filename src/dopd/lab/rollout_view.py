@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dopd.alignment import build_view_inputs, completion_logits
-from dopd.data import Example, tokenize_views
+from dopd.io.data import Example, tokenize_views
 from dopd.lab.task import Task
+from dopd.modeling.alignment import build_view_inputs, completion_logits
 from dopd.objectives.dopd import DOPDConfig, dopd_loss
 from dopd.objectives.routing import REGIMES
-from dopd.rollout import generate_rollouts, rollout_seeds
+from dopd.training.rollout import generate_rollouts, rollout_seeds
 
 
 @torch.no_grad()

@@ -19,12 +19,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dopd.config import TrainConfig, from_dict
-from dopd.data import load_examples, tokenize_views
 from dopd.errors import ConfigError
-from dopd.evaluation import evaluate
+from dopd.io.data import load_examples, tokenize_views
 from dopd.lab.methods import Method
 from dopd.lab.task import Task
-from dopd.trainer import Trainer
+from dopd.training.evaluation import evaluate
+from dopd.training.trainer import Trainer
 
 DATA_SEEDS = {"train": 1000, "valid": 2000, "test": 3000}
 

@@ -40,8 +40,8 @@ from __future__ import annotations
 import random
 
 from dopd.errors import ConfigError
-from dopd.evaluation import extract_answer
 from dopd.lab.task import SAME_ARCHITECTURE, Problem, Task, parse_pairs
+from dopd.training.evaluation import extract_answer
 
 ALPHABET = "abcdefghijklmnop"  # 16 letters; shifts are mod 16
 KEYS = 10  # key = (d1 + d2) % 10

@@ -256,7 +256,7 @@ def _heads(
             raise ValueError(
                 f"vocabulary size mismatch: the {first} head has V={heads[first].weight.shape[0]} "
                 f"but the {name} head has V={head.weight.shape[0]}; pass the first rows of each "
-                "head, weight[:V_common] (V_common from dopd.models.common_vocabulary)"
+                "head, weight[:V_common] (V_common from dopd.modeling.loading.common_vocabulary)"
             )
     return heads
 

@@ -21,8 +21,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from dopd.atomic import replacing, write_text_atomically
-from dopd.checkpoint import (
+from dopd.config import TrainConfig, save_config
+from dopd.errors import ConfigError, DOPDError
+from dopd.io.atomic import replacing, write_text_atomically
+from dopd.io.data import load_examples, tokenize_views
+from dopd.modeling.loading import check_sources, common_vocabulary, load_model, output_size
+from dopd.training.checkpoint import (
     TrainingState,
     load_latest_checkpoint,
     remove_stale_temporaries,
@@ -30,15 +34,11 @@ from dopd.checkpoint import (
     save_checkpoint,
     save_final_model,
 )
-from dopd.config import TrainConfig, save_config
-from dopd.data import load_examples, tokenize_views
-from dopd.distributed import sum_across
-from dopd.errors import ConfigError, DOPDError
-from dopd.evaluation import evaluate, load_verifier
-from dopd.faults import locate_nonfinite
-from dopd.models import check_sources, common_vocabulary, load_model, output_size
-from dopd.rollout import completion_token_classes, generate_rollouts, rollout_seeds
-from dopd.step import make_micro_batches, run_step
+from dopd.training.distributed import sum_across
+from dopd.training.evaluation import evaluate, load_verifier
+from dopd.training.faults import locate_nonfinite
+from dopd.training.rollout import completion_token_classes, generate_rollouts, rollout_seeds
+from dopd.training.step import make_micro_batches, run_step
 
 
 class PromptSampler:

@@ -23,7 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from dopd.errors import ConfigError
+from dopd.errors import ConfigError, quote
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
@@ -207,15 +207,6 @@ def _type_name(hint: Any) -> str:
     if get_origin(hint) is None and hasattr(hint, "__name__"):
         return hint.__name__
     return str(hint).replace("typing.", "")
-
-
-def quote(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, shortened; never raises (ints beyond Python's digit limit cannot print)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        text = f"<{type(value).__name__} too large to print>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def join_key(prefix: str, key: str) -> str:

@@ -20,7 +20,7 @@ Two loss paths give the same results (tests/test_step.py):
   ``torch.nn.Linear`` head, a head bias, logit soft-capping or scaling) or parameters are
   sharded (FSDP, DeepSpeed).
 
-Both paths score the common vocabulary ``vocab_size`` (``dopd.models.common_vocabulary``): a
+Both paths score the common vocabulary ``vocab_size`` (``dopd.modeling.loading.common_vocabulary``): a
 padded head's logits, or its weight's rows, are cut to the first ``vocab_size`` ids.
 """
 
@@ -35,7 +35,9 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from dopd.alignment import (
+from dopd.config import LOSS_PATHS
+from dopd.errors import DOPDError, require_choice, require_int
+from dopd.modeling.alignment import (
     HeadInputs,
     ViewInputs,
     build_view_inputs,
@@ -44,14 +46,12 @@ from dopd.alignment import (
     completion_logits,
     output_head_problem,
 )
-from dopd.config import LOSS_PATHS
-from dopd.distributed import SHARDED, gather_rows, sum_across
-from dopd.errors import DOPDError, require_choice, require_int
 from dopd.objectives.base import Objective, objective_loss
 from dopd.objectives.chunked import DEFAULT_CHUNK_SIZE, chunked_objective_loss, chunked_statistics
 from dopd.objectives.reduction import loss_denominator, row_weights
 from dopd.objectives.statistics import merge_statistics
 from dopd.objectives.views import VIEW_NAMES, TokenViews, compute_dtype, logits_entropy
+from dopd.training.distributed import SHARDED, gather_rows, sum_across
 
 CONSTANT_VIEWS = ("priv_student", "teacher", "reference")
 
@@ -65,7 +65,7 @@ class MicroBatch:
         inputs: view name -> ``ViewInputs`` (``[b, P_view + T]``), one per view the step scores.
         token_classes: ``[b, T]`` long, each completion token's true class as an index into the
             objective's ``token_class_names`` (-1 at padding), for objectives that route on it
-            (``dopd.rollout.completion_token_classes``); None otherwise.
+            (``dopd.training.rollout.completion_token_classes``); None otherwise.
     """
 
     completion_ids: Tensor
@@ -188,7 +188,7 @@ def run_step(
         path: ``auto`` (chunked where exact, else reference), ``chunked`` or ``reference``.
         chunk_rows: token rows projected through an output head at a time on the chunked path;
             its extra memory grows as ``chunk_rows x V``.
-        vocab_size: the common vocabulary of the heads (``dopd.models.common_vocabulary``): every
+        vocab_size: the common vocabulary of the heads (``dopd.modeling.loading.common_vocabulary``): every
             view is scored over ids ``0 .. vocab_size - 1``. None (or every head's size) scores
             each head whole, which then requires equal sizes.
     """

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dopd.errors import ConfigError
-from dopd.rollout import generate_rollouts
+from dopd.training.rollout import generate_rollouts
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")

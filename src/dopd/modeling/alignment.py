@@ -10,8 +10,8 @@ alone and unpadded.
 A view is scored either as logits (``completion_logits``, ``[B, T, V]``) or as the final hidden
 states its output head would project (``completion_hidden_states``, ``[B, T, H]``, with the head's
 weight), which the chunked loss projects a few rows at a time. Both take ``vocab_size``: the
-common vocabulary of the run's heads (``dopd.models.common_vocabulary``), to which a padded head
-is cut so that every view scores the same ``V`` ids.
+common vocabulary of the run's heads (``dopd.modeling.loading.common_vocabulary``), to which a
+padded head is cut so that every view scores the same ``V`` ids.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def vocabulary_slice(size: int, vocab_size: int | None) -> slice | None:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size < size:
         raise DOPDError(
             f"vocab_size={vocab_size!r} cannot cut an output head of {size} rows; pass the common "
-            "vocabulary of the run's heads (dopd.models.common_vocabulary), "
+            "vocabulary of the run's heads (dopd.modeling.loading.common_vocabulary), "
             "at most each head's size"
         )
     return slice(0, vocab_size)

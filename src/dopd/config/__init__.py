@@ -7,7 +7,7 @@ config. Each field's help text lives in its ``metadata["help"]``; ``config_help(
 
 Loading touches neither the network nor any file but the config itself: model, data and tokenizer
 paths are only checked to be non-empty strings here, so configs for models this machine cannot
-hold still validate (``dopd.models.check_sources`` checks the sources when ``dopd train``
+hold still validate (``dopd.modeling.loading.check_sources`` checks the sources when ``dopd train``
 starts). Errors are ``ConfigError``s naming the dotted key, the value and the fix.
 """
 
@@ -18,18 +18,24 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from dopd.config_loading import (
+from dopd.config.loading import (
     apply_override,
     config_to_dict,
     convert,
     dump_yaml,
     from_dict,
     join_key,
-    quote,
     read_yaml,
 )
-from dopd.data import DEFAULT_PRIVILEGED_TEMPLATE, check_privileged_template
-from dopd.errors import ConfigError, require_choice, require_int, require_range, require_str
+from dopd.errors import (
+    ConfigError,
+    quote,
+    require_choice,
+    require_int,
+    require_range,
+    require_str,
+)
+from dopd.io.data import DEFAULT_PRIVILEGED_TEMPLATE, check_privileged_template
 from dopd.objectives.base import Objective
 from dopd.objectives.registry import ObjectiveSpec, get_spec
 

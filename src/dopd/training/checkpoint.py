@@ -14,7 +14,7 @@
       model/                 the student in Hugging Face format with the tokenizer (dopd eval)
 
 A checkpoint is built in ``checkpoints/.tmp-step-000050-<pid>/``, every file and folder is
-fsynced, and the folder is renamed into place (``dopd.atomic.publishing``); a kill at any moment
+fsynced, and the folder is renamed into place (``dopd.io.atomic.publishing``); a kill at any moment
 leaves either a complete checkpoint or a ``.tmp-`` folder that resume deletes. ``--resume`` takes
 the newest checkpoint whose manifest checks out and names every one it skips, and why.
 
@@ -38,9 +38,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from dopd.atomic import publishing, remove_temporaries, sha256_file
-from dopd.distributed import SHARDED
 from dopd.errors import DOPDError
+from dopd.io.atomic import publishing, remove_temporaries, sha256_file
+from dopd.training.distributed import SHARDED
 
 FORMAT, VERSION = "dopd-checkpoint", 1
 MANIFEST, STATE_FILE = "manifest.json", "trainer_state.json"

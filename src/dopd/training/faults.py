@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from dopd.alignment import completion_logits
-from dopd.step import CONSTANT_VIEWS, MicroBatch
+from dopd.modeling.alignment import completion_logits
+from dopd.training.step import CONSTANT_VIEWS, MicroBatch
 
 VIEW_ORDER = ("student", *CONSTANT_VIEWS)
 

@@ -7,8 +7,8 @@ runs, which is what makes a 2-process run equal a 1-process run and a resumed ru
 uninterrupted one. Gumbel-max over the warped logits is exact sampling from their softmax.
 
 When the student's output head is padded past the run's common vocabulary (a smaller teacher
-head, ``dopd.models.common_vocabulary``), the padded columns are masked to -inf before anything
-else, so no rollout holds an id that another view cannot score.
+head, ``dopd.modeling.loading.common_vocabulary``), the padded columns are masked to -inf before
+anything else, so no rollout holds an id that another view cannot score.
 
 ``completion_token_classes`` labels each sampled token with its true class, for objectives that
 route on it (the oracle-routing control on a synthetic task that knows its tokens' roles).
@@ -28,9 +28,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from dopd.alignment import completion_mask_after_eos, left_pad
 from dopd.errors import ConfigError, DOPDError
 from dopd.hashing import hash_uniform, splitmix
+from dopd.modeling.alignment import completion_mask_after_eos, left_pad
 
 
 def rollout_seeds(seed: int, step: int, prompt_ids: Tensor, num_generations: int) -> Tensor:

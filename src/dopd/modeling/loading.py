@@ -45,9 +45,8 @@ from transformers import (
     Qwen3Config,
 )
 
-from dopd.config_loading import quote
-from dopd.errors import ConfigError
-from dopd.tiny import build_char_tokenizer, build_tiny_model
+from dopd.errors import ConfigError, quote
+from dopd.modeling.tiny import build_char_tokenizer, build_tiny_model
 
 _DTYPES = {
     "auto": "auto",
@@ -89,7 +88,7 @@ def load_tokenizer(tokenizer_spec, student_spec) -> PreTrainedTokenizerBase:
     """The tokenizer every view shares: a char tokenizer, ``tokenizer.path`` or the student's.
 
     A tokenizer without a pad token pads with its EOS token: validity comes from the first EOS
-    (``dopd.alignment.completion_mask_after_eos``), never from ``!= pad``, so that is safe.
+    (``dopd.modeling.alignment.completion_mask_after_eos``), never from ``!= pad``, so that is safe.
 
     Raises:
         ConfigError: the source cannot be loaded, or the tokenizer has no EOS token; the message

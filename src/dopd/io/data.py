@@ -16,8 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dopd.config_loading import quote
-from dopd.errors import ConfigError, DataError
+from dopd.errors import ConfigError, DataError, quote
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages
