@@ -86,7 +86,7 @@ def settings(smoke: bool) -> dict:
             "steps": 1,
             "loss_hidden": 64,
             "loss_rows": [1024, 2048],
-            "chunk_sizes": [256],
+            "chunk_rows_grid": [256],
             "repeats": 1,
         }
     return {
@@ -102,7 +102,7 @@ def settings(smoke: bool) -> dict:
         "steps": 5,
         "loss_hidden": 1024,
         "loss_rows": [2048, 4096, 8192, 16384],
-        "chunk_sizes": [1024, 4096],
+        "chunk_rows_grid": [1024, 4096],
         "repeats": 3,
     }
 
@@ -218,7 +218,7 @@ def loss_inputs(config, device: str) -> dict[str, torch.Tensor]:
     }
 
 
-def time_loss_path(path: str, inputs: dict, chunk_size: int, device: str, keep_grads: bool) -> dict:
+def time_loss_path(path: str, inputs: dict, chunk_rows: int, device: str, keep_grads: bool) -> dict:
     """One forward+backward of ``naive`` or ``chunked``: seconds, peak memory above the inputs."""
     from dopd.objectives.dopd import DOPD, DOPDConfig
     from loss import efficient_loss, naive_loss
@@ -233,7 +233,7 @@ def time_loss_path(path: str, inputs: dict, chunk_size: int, device: str, keep_g
         loss = (
             naive_loss(inputs, objective)
             if path == "naive"
-            else efficient_loss(inputs, objective, chunk_size)
+            else efficient_loss(inputs, objective, chunk_rows)
         )
         loss.backward()
     _sync(device)
@@ -259,16 +259,16 @@ def bench_loss_config(config, setup: dict) -> dict:
     """Alternate the paths, one untimed round first (its loss and gradients are compared)."""
     device = setup["device"]
     inputs = loss_inputs(config, device)
-    paths = {f"chunked_{size}": ("chunked", size) for size in setup["chunk_sizes"]}
+    paths = {f"chunked_{size}": ("chunked", size) for size in setup["chunk_rows_grid"]}
     if naive_fits(config.rows, config.vocab, device):
         paths = {"naive": ("naive", 0), **paths}
     first, timed, failed = {}, {label: [] for label in paths}, {}
     for repetition in range(setup["repeats"] + 1):
-        for label, (path, chunk_size) in paths.items():
+        for label, (path, chunk_rows) in paths.items():
             if label in failed:
                 continue
             try:
-                run = time_loss_path(path, inputs, chunk_size, device, keep_grads=not repetition)
+                run = time_loss_path(path, inputs, chunk_rows, device, keep_grads=not repetition)
             except torch.OutOfMemoryError:
                 failed[label] = "out of memory"
                 torch.cuda.empty_cache()
@@ -324,7 +324,7 @@ def run_loss_section(setup: dict, results: dict) -> Iterator[None]:
     results["configurations"] = []
     for rows in setup["loss_rows"]:
         config = Config(
-            setup["loss_vocab"], setup["loss_hidden"], rows, chunk_size=setup["chunk_sizes"][0]
+            setup["loss_vocab"], setup["loss_hidden"], rows, chunk_rows=setup["chunk_rows_grid"][0]
         )
         results["configurations"].append(_guarded(bench_loss_config, config, setup))
         yield

@@ -38,9 +38,10 @@ from dopd.objectives.base import objective_loss
 from dopd.objectives.chunked import chunked_objective_loss
 from dopd.objectives.dopd import DOPD, DOPDConfig
 from dopd.objectives.reduction import row_weights
+from dopd.objectives.views import ViewHead
 
 SEQUENCE_LENGTH = 1024  # rows are laid out as [N / T, T] completions, all tokens valid
-# Peak bytes per logit (naive: per N x V; efficient: per chunk_size x V), measured with this script
+# Peak bytes per logit (naive: per N x V; efficient: per chunk_rows x V), measured with this script
 # at V = 151,936 (8.3 and 6-11 floats), with margin; used only to skip what cannot fit.
 NAIVE_BYTES_PER_LOGIT = 4 * 9.0
 EFFICIENT_BYTES_PER_LOGIT = 4 * 12.0
@@ -53,7 +54,7 @@ class Config:
     vocab: int
     hidden: int
     rows: int
-    chunk_size: int
+    chunk_rows: int
     seed: int = 0
 
 
@@ -117,23 +118,21 @@ def naive_loss(inputs: dict[str, torch.Tensor], objective: DOPD) -> torch.Tensor
 
 
 def efficient_loss(
-    inputs: dict[str, torch.Tensor], objective: DOPD, chunk_size: int
+    inputs: dict[str, torch.Tensor], objective: DOPD, chunk_rows: int
 ) -> torch.Tensor:
     """``chunked_objective_loss`` on the same rows (thresholds computed inside, as the naive
     path)."""
     n = inputs["token_ids"].shape[0]
     mask = torch.ones(n // SEQUENCE_LENGTH, SEQUENCE_LENGTH, dtype=torch.bool)  # [B, T]
     weights = row_weights(mask, objective.config.reduction)  # [N]
+    heads = {
+        "student": ViewHead(inputs["student_hidden"], inputs["student_head"]),
+        # The privileged student is the student on another prompt: the same head.
+        "priv_student": ViewHead(inputs["priv_student_hidden"], inputs["student_head"]),
+        "teacher": ViewHead(inputs["teacher_hidden"], inputs["teacher_head"]),
+    }
     return chunked_objective_loss(
-        objective,
-        inputs["student_hidden"],
-        inputs["student_head"],
-        inputs["priv_student_hidden"],
-        inputs["teacher_hidden"],
-        inputs["teacher_head"],
-        inputs["token_ids"],
-        weights,
-        chunk_size=chunk_size,
+        objective, heads, inputs["token_ids"], weights, chunk_rows=chunk_rows
     ).loss
 
 
@@ -169,7 +168,7 @@ def worker(spec_path: str) -> None:
     if spec["path"] == "naive":
         loss = naive_loss(inputs, objective)
     else:
-        loss = efficient_loss(inputs, objective, config.chunk_size)
+        loss = efficient_loss(inputs, objective, config.chunk_rows)
     loss.backward()
     seconds = time.perf_counter() - start
     peak = _peak_rss_bytes() - baseline
@@ -223,7 +222,7 @@ def _input_bytes(config: Config) -> int:
 
 def _fitting_paths(config: Config) -> list[str]:
     """The paths whose estimated peak fits in the memory available now (a shared machine)."""
-    logits = {"naive": config.rows * config.vocab, "efficient": config.chunk_size * config.vocab}
+    logits = {"naive": config.rows * config.vocab, "efficient": config.chunk_rows * config.vocab}
     paths = []
     for path in ("naive", "efficient"):
         bytes_per_logit = NAIVE_BYTES_PER_LOGIT if path == "naive" else EFFICIENT_BYTES_PER_LOGIT
@@ -291,7 +290,7 @@ def _table(rows: list[dict]) -> str:
             return format(value, fmt) if value is not None else "skipped"
 
         lines.append(
-            f"{c['vocab']:>7} {c['hidden']:>5} {c['rows']:>6} {c['chunk_size']:>5} | "
+            f"{c['vocab']:>7} {c['hidden']:>5} {c['rows']:>6} {c['chunk_rows']:>5} | "
             f"{cell(naive and naive['peak_bytes'] / 2**30, '9.2f'):>9} "
             f"{efficient['peak_bytes'] / 2**30:>8.2f} "
             f"{cell(row.get('peak_memory_ratio'), '9.3f'):>9} | "
@@ -312,7 +311,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions per path (median time)")
     parser.add_argument(
-        "--chunk-size", type=int, default=256, help="rows per chunk of the efficient path"
+        "--chunk-rows", type=int, default=256, help="rows per chunk of the efficient path"
     )
     parser.add_argument("--vocab", type=int, help="override the vocabulary size")
     parser.add_argument("--hidden", type=int, nargs="+", help="override the hidden sizes")
@@ -328,7 +327,7 @@ def main() -> None:
     # 2048 rows is the largest power of two whose naive path fits in 24 GiB at V = 151,936 (8.3
     # floats per logit: ~19 GiB at 4096 rows); larger counts run the efficient path alone.
     row_counts = args.rows or ([2048] if args.quick else [2048, 4096, 8192])
-    configs = [Config(vocab, d, n, args.chunk_size) for d in hidden_sizes for n in row_counts]
+    configs = [Config(vocab, d, n, args.chunk_rows) for d in hidden_sizes for n in row_counts]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f}, {_available_bytes() / 2**30:.1f} GiB available",

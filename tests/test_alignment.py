@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from dopd.errors import DOPDError
 from dopd.modeling.alignment import (
-    HeadInputs,
     build_view_inputs,
     check_aligned,
     completion_hidden_states,
@@ -22,6 +21,7 @@ from dopd.modeling.alignment import (
     output_head_problem,
 )
 from dopd.modeling.tiny import build_tiny_model
+from dopd.objectives.views import ViewHead
 from tests.tolerance import REORDERED, assert_close
 
 VOCAB = 64
@@ -252,8 +252,8 @@ def test_projected_hidden_states_are_the_completion_logits(wrap):
     assert head.weight is model.lm_head.weight and head.dtype == torch.float64
 
 
-def test_head_inputs_have_documented_shapes():
-    documented = " ".join(inspect.getdoc(HeadInputs).split())
+def test_view_heads_have_documented_shapes():
+    documented = " ".join(inspect.getdoc(ViewHead).split())
     assert "hidden: ``[B, T, H]`` (``[N, H]`` after ``select``)" in documented
     assert "weight: ``[V, H]``" in documented
     inputs, mask = _inputs()

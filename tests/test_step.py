@@ -17,8 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dopd.errors import DOPDError
 from dopd.modeling.tiny import build_tiny_model
-from dopd.objectives import chunked
 from dopd.objectives.registry import build_objective
+from dopd.objectives.views import ViewHead
 from dopd.training import step
 from dopd.training.step import choose_path, make_micro_batches, run_step
 from tests.tolerance import REORDERED, assert_close
@@ -215,14 +215,14 @@ def test_chunked_path_never_projects_more_than_a_chunk(monkeypatch):
     head_outputs, projected = [], []
     for model in (student, models["teacher"]):
         model.lm_head.register_forward_hook(lambda m, args, out: head_outputs.append(out.shape))
-    original = chunked.Head.logits
+    original = ViewHead.logits
 
     def recording(self, rows):
         logits = original(self, rows)  # [C, V]
         projected.append(logits.shape)
         return logits
 
-    monkeypatch.setattr(chunked.Head, "logits", recording)
+    monkeypatch.setattr(ViewHead, "logits", recording)
     step_results(student, models, objective, tiny_batches(models), chunk_rows=3)
     # The models' own heads see the last position only (the projection check), never [b, T].
     assert head_outputs and all(shape[1] == 1 for shape in head_outputs)

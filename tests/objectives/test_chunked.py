@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from dopd.objectives import chunked
 from dopd.objectives.base import objective_loss
 from dopd.objectives.chunked import ChunkedOutput, chunked_objective_loss, chunked_statistics
 from dopd.objectives.reduction import loss_denominator, reduce_loss, row_weights
 from dopd.objectives.registry import OBJECTIVES, build_objective
 from dopd.objectives.statistics import merge_statistics
+from dopd.objectives.views import VIEW_NAMES, ViewHead
 from tests.objectives.batches import cyclic_classes
 from tests.tolerance import REORDERED, assert_close, log_prob_scale
 
@@ -28,7 +28,6 @@ from tests.tolerance import REORDERED, assert_close, log_prob_scale
 # agree on it only with one chunk (test_shuffled_routing_matches_reference_in_one_chunk).
 NAMES = sorted(set(OBJECTIVES) - {"dopd_shuffled_routing"})
 REDUCTIONS = ("sequence_mean", "token_mean")
-VIEWS = ("student", "priv_student", "teacher", "reference")
 
 
 @dataclass
@@ -47,6 +46,10 @@ class Rollout:
     def logits(self, name: str) -> Tensor:
         """``[B, T, V]`` logits of view ``name``, as the model's head computes them."""
         return self.hidden[name] @ self.heads[name].T
+
+    def view_heads(self, names=VIEW_NAMES) -> dict[str, ViewHead]:
+        """``ViewHead`` of each view in ``names`` at the valid tokens (``[N, d]`` rows)."""
+        return {name: ViewHead(self.hidden[name][self.mask], self.heads[name]) for name in names}
 
     def rows(self, start: int, stop: int) -> Rollout:
         """Sequences ``start:stop`` (a micro-batch); the heads are shared."""
@@ -118,7 +121,7 @@ def _classes(objective, rollout: Rollout) -> Tensor | None:
 
 
 def _reference(objective, rollout: Rollout, **kwargs):
-    logits = {name: rollout.logits(name) for name in VIEWS}
+    logits = {name: rollout.logits(name) for name in VIEW_NAMES}
     kwargs.setdefault("token_classes", _classes(objective, rollout))
     return objective_loss(
         objective,
@@ -133,25 +136,18 @@ def _reference(objective, rollout: Rollout, **kwargs):
 
 
 def _chunked(
-    objective, rollout: Rollout, chunk_size: int, *, denominator=None, **kwargs
+    objective, rollout: Rollout, chunk_rows: int, *, denominator=None, **kwargs
 ) -> ChunkedOutput:
     mask = rollout.mask
     dtype = torch.promote_types(rollout.hidden["student"].dtype, torch.float32)
-    hidden = {name: value[mask] for name, value in rollout.hidden.items()}  # [N, d] each
     classes = _classes(objective, rollout)
     kwargs.setdefault("token_classes", None if classes is None else classes[mask])
     return chunked_objective_loss(
         objective,
-        hidden["student"],
-        rollout.heads["student"],
-        hidden["priv_student"],
-        hidden["teacher"],
-        rollout.heads["teacher"],
+        rollout.view_heads(),
         rollout.ids[mask],
         row_weights(mask, objective.config.reduction, denominator, dtype=dtype),
-        reference_hidden=hidden["reference"],
-        reference_head_weight=rollout.heads["reference"],
-        chunk_size=chunk_size,
+        chunk_rows=chunk_rows,
         **kwargs,
     )
 
@@ -164,13 +160,13 @@ def _threshold_values(thresholds) -> list[Tensor]:
     return [torch.as_tensor(getattr(thresholds, f.name)) for f in dataclasses.fields(thresholds)]
 
 
-def _assert_same(objective, rollout: Rollout, chunk_size: int) -> None:
+def _assert_same(objective, rollout: Rollout, chunk_rows: int) -> None:
     """Chunked and reference paths agree on every output and on both gradients, to rounding of
     the same sums projected in chunks (see tests/tolerance.py)."""
     student_hidden, student_head = _leaves(rollout)
     reference = _reference(objective, rollout)
     expected_grads = torch.autograd.grad(reference.loss, (student_hidden, student_head))
-    out = _chunked(objective, rollout, chunk_size)
+    out = _chunked(objective, rollout, chunk_rows)
     grads = torch.autograd.grad(out.loss, (student_hidden, student_head))
     mask = rollout.mask
     # Per-token losses, statistics, thresholds and metrics are built from log-probabilities and
@@ -220,8 +216,8 @@ def test_every_objective_matches_reference_in_float64(name, reduction):
     rollout = random_rollout(3, 8, 97, seed=1, lengths=[8, 0, 5])
     num_rows = int(rollout.mask.sum())
     objective = build_objective(name, top_k=8, temperature=0.7, reduction=reduction)
-    for chunk_size in (1, 7, num_rows, num_rows + 5):
-        _assert_same(objective, rollout, chunk_size)
+    for chunk_rows in (1, 7, num_rows, num_rows + 5):
+        _assert_same(objective, rollout, chunk_rows)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -234,11 +230,11 @@ def test_shuffled_routing_matches_reference_in_one_chunk():
     # One chunk draws the same permutation as the whole batch from the same RNG state.
     rollout = random_rollout(3, 8, 97, seed=1, lengths=[8, 0, 5])
     objective = build_objective("dopd_shuffled_routing", top_k=8, temperature=0.7)
-    for chunk_size in (13, 20):
+    for chunk_rows in (13, 20):
         torch.manual_seed(5)
         expected = _reference(objective, rollout)
         torch.manual_seed(5)
-        out = _chunked(objective, rollout, chunk_size)
+        out = _chunked(objective, rollout, chunk_rows)
         assert torch.equal(out.groups, expected.groups[rollout.mask])
         assert_close(out.per_token_loss, expected.per_token_loss[rollout.mask], ulps=REORDERED)
 
@@ -296,7 +292,7 @@ def test_micro_batches_with_merged_statistics_sum_to_the_full_batch(name, reduct
     reference = _reference(objective, rollout)
     expected_grads = torch.autograd.grad(reference.loss, (student_hidden, student_head))
     halves = [rollout.rows(0, 1), rollout.rows(1, 4)]
-    statistics = merge_statistics(_statistics(objective, half, chunk_size=2) for half in halves)
+    statistics = merge_statistics(_statistics(objective, half, chunk_rows=2) for half in halves)
     for key, value in statistics.items():
         if key != "prune_key":  # see _assert_same
             assert_close(value, reference.statistics[key][rollout.mask], ulps=REORDERED)
@@ -313,25 +309,17 @@ def test_micro_batches_with_merged_statistics_sum_to_the_full_batch(name, reduct
         assert_close(grad, expected, ulps=REORDERED)
 
 
-def _statistics(objective, rollout: Rollout, chunk_size: int) -> dict[str, Tensor]:
-    mask = rollout.mask
-    hidden = {name: value[mask] for name, value in rollout.hidden.items()}
+def _statistics(objective, rollout: Rollout, chunk_rows: int) -> dict[str, Tensor]:
+    views = ("student", "priv_student", "teacher")
     return chunked_statistics(
-        objective,
-        hidden["student"],
-        rollout.heads["student"],
-        hidden["priv_student"],
-        hidden["teacher"],
-        rollout.heads["teacher"],
-        rollout.ids[mask],
-        chunk_size=chunk_size,
+        objective, rollout.view_heads(views), rollout.ids[rollout.mask], chunk_rows=chunk_rows
     )
 
 
 def test_statistics_of_two_halves_merge_to_one_call():
     rollout = random_rollout(4, 6, 70, seed=5, lengths=[6, 2, 5, 1])
     objective = build_objective("dopd")
-    whole = _statistics(objective, rollout, chunk_size=4)
+    whole = _statistics(objective, rollout, chunk_rows=4)
     merged = merge_statistics(
         [
             _statistics(objective, rollout.rows(0, 3), 3),
@@ -407,14 +395,14 @@ def test_no_projection_is_larger_than_a_chunk(monkeypatch):
     rollout = random_rollout(3, 8, 97, seed=10, lengths=[8, 8, 8])
     _leaves(rollout)
     projected_rows = []
-    original = chunked.Head.logits
+    original = ViewHead.logits
 
     def recording(self, rows):
         logits = original(self, rows)
         projected_rows.append(logits.shape[0])
         return logits
 
-    monkeypatch.setattr(chunked.Head, "logits", recording)
+    monkeypatch.setattr(ViewHead, "logits", recording)
     _chunked(build_objective("dopd"), rollout, 5).loss.backward()
     # Statistics pass: 2 views x 5 chunks; loss pass: 3 views x 5 chunks.
     assert len(projected_rows) == 25 and max(projected_rows) == 5
@@ -431,11 +419,11 @@ def test_no_projection_is_larger_than_a_chunk(monkeypatch):
     top_k=st.integers(1, 45),
     support=st.sampled_from(("student", "teacher", "union")),
     tail=st.booleans(),
-    chunk_size=st.integers(1, 20),
+    chunk_rows=st.integers(1, 20),
     seed=st.integers(0, 2**16),
 )
 def test_chunked_matches_reference_over_shapes_masks_and_chunks(
-    name, reduction, lengths, vocab, top_k, support, tail, chunk_size, seed
+    name, reduction, lengths, vocab, top_k, support, tail, chunk_rows, seed
 ):
     rollout = random_rollout(
         len(lengths), 6, vocab, seed=seed, lengths=lengths, width=8, teacher_extra=3
@@ -443,7 +431,7 @@ def test_chunked_matches_reference_over_shapes_masks_and_chunks(
     objective = build_objective(
         name, top_k=top_k, topk_support=support, topk_tail=tail, reduction=reduction
     )
-    _assert_same(objective, rollout, chunk_size)
+    _assert_same(objective, rollout, chunk_rows)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -461,59 +449,27 @@ def test_row_weights_reduce_like_reduce_loss(reduction, step_denominator, seed):
 
 def test_errors_say_what_is_wrong():
     rollout = random_rollout(1, 4, 30, seed=11, lengths=[4])
-    hidden = {name: value[rollout.mask] for name, value in rollout.hidden.items()}
+    heads = rollout.view_heads()
     ids, weights = rollout.ids[rollout.mask], torch.ones(4)
     objective = build_objective("dopd")
-    head, teacher_head = rollout.heads["student"], rollout.heads["teacher"]
-    with pytest.raises(ValueError, match="needs priv_student_hidden"):
-        chunked_objective_loss(
-            objective, hidden["student"], head, None, hidden["teacher"], teacher_head, ids, weights
-        )
+    without_priv = {name: head for name, head in heads.items() if name != "priv_student"}
+    with pytest.raises(
+        ValueError, match=r"reads the priv_student view; pass heads\['priv_student'\]"
+    ):
+        chunked_objective_loss(objective, without_priv, ids, weights)
+    teacher = heads["teacher"]
+    short_teacher = {**heads, "teacher": ViewHead(teacher.hidden, teacher.weight[:-1])}
     with pytest.raises(ValueError, match="vocabulary size mismatch"):
-        chunked_objective_loss(
-            objective,
-            hidden["student"],
-            head,
-            hidden["priv_student"],
-            hidden["teacher"],
-            teacher_head[:-1],
-            ids,
-            weights,
-        )
-    with pytest.raises(ValueError, match=r"teacher_hidden must be \[N, d\]"):
-        chunked_objective_loss(
-            objective,
-            hidden["student"],
-            head,
-            hidden["priv_student"],
-            hidden["student"],
-            teacher_head,
-            ids,
-            weights,
-        )
+        chunked_objective_loss(objective, short_teacher, ids, weights)
+    narrow_teacher = {**heads, "teacher": ViewHead(heads["student"].hidden, teacher.weight)}
+    with pytest.raises(ValueError, match=r"heads\['teacher'\].hidden must be \[N, d\]"):
+        chunked_objective_loss(objective, narrow_teacher, ids, weights)
+    with pytest.raises(ValueError, match="unknown views"):
+        chunked_objective_loss(objective, {**heads, "critic": teacher}, ids, weights)
     with pytest.raises(ValueError, match="row_weights must be"):
-        chunked_objective_loss(
-            objective,
-            hidden["student"],
-            head,
-            hidden["priv_student"],
-            hidden["teacher"],
-            teacher_head,
-            ids,
-            weights[:2],
-        )
-    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        chunked_objective_loss(
-            objective,
-            hidden["student"],
-            head,
-            hidden["priv_student"],
-            hidden["teacher"],
-            teacher_head,
-            ids,
-            weights,
-            chunk_size=0,
-        )
+        chunked_objective_loss(objective, heads, ids, weights[:2])
+    with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+        chunked_objective_loss(objective, heads, ids, weights, chunk_rows=0)
 
 
 def test_outputs_have_documented_shapes():
@@ -545,18 +501,13 @@ def test_student_entropy_is_the_entropy_of_the_untempered_student_logits():
 def test_statistics_need_only_the_statistics_views(name):
     rollout = random_rollout(2, 6, 45, seed=14, lengths=[6, 3])
     objective = build_objective(name)
-    mask = rollout.mask
-    hidden = {view: value[mask] for view, value in rollout.hidden.items()}  # [N, d] each
-    kept = {
-        f"{view}_{kind}": value
-        for view in objective.statistics_views
-        for kind, value in (("hidden", hidden[view]), ("head_weight", rollout.heads[view]))
-    }
-    views = {f"{view}_{kind}": None for view in VIEWS for kind in ("hidden", "head_weight")}
     out = chunked_statistics(
-        objective, token_ids=rollout.ids[mask], chunk_size=4, **{**views, **kept}
+        objective,
+        rollout.view_heads(objective.statistics_views),
+        rollout.ids[rollout.mask],
+        chunk_rows=4,
     )
-    expected = _statistics(objective, rollout, chunk_size=4)
+    expected = _statistics(objective, rollout, chunk_rows=4)
     assert out.keys() == expected.keys()
     for key, value in out.items():
         assert_close(value, expected[key], ulps=REORDERED, msg=key)

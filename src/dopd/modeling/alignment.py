@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from dopd.errors import DOPDError
+from dopd.objectives.views import ViewHead
 
 
 def completion_mask_after_eos(
@@ -219,36 +220,6 @@ LOGIT_TRANSFORMS = {
 }
 
 
-@dataclass(frozen=True)
-class HeadInputs:
-    """One view's final hidden states at its completion positions, and the head that scores them.
-
-    ``hidden.to(dtype) @ weight.to(dtype).T`` are the model's completion logits (their first
-    ``V`` columns when the weight is cut to the common vocabulary).
-
-    Attributes:
-        hidden: ``[B, T, H]`` (``[N, H]`` after ``select``) float; position ``t`` scores
-            completion token ``t``. Carries the forward's graph when the forward ran with grad.
-        weight: ``[V, H]`` the output head's weight: the parameter itself (perhaps tied), or
-            its first ``V`` rows when cut to the common vocabulary.
-        dtype: the dtype the head computes in: the autocast dtype under mixed precision, else
-            the weight's.
-    """
-
-    hidden: Tensor
-    weight: Tensor
-    dtype: torch.dtype
-
-    def select(self, mask: Tensor) -> HeadInputs:
-        """The rows at ``mask`` ``[B, T]`` bool: ``hidden`` becomes ``[N, H]``."""
-        return HeadInputs(self.hidden[mask], self.weight, self.dtype)
-
-    def projection(self) -> tuple[Tensor, Tensor]:
-        """``hidden`` and ``weight`` cast (differentiably) to ``dtype``: their product is what
-        the model's head computes, e.g. a bf16 matmul under bf16 autocast."""
-        return self.hidden.to(self.dtype), self.weight.to(self.dtype)
-
-
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP-style (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     for name in ("module", "_orig_mod"):
@@ -284,7 +255,7 @@ def output_head_problem(model: torch.nn.Module) -> str | None:
 
 def completion_hidden_states(
     model: torch.nn.Module, inputs: ViewInputs, vocab_size: int | None = None
-) -> HeadInputs:
+) -> ViewHead:
     """What the output head receives at each completion position, without ``[B, T, V]`` logits.
 
     The forward runs through ``model`` itself, so a DDP wrapper still registers the backward and
@@ -296,7 +267,7 @@ def completion_hidden_states(
         vocab_size: as in ``completion_logits``: keep the head's first ``vocab_size`` rows.
 
     Returns:
-        ``HeadInputs`` with ``hidden`` ``[B, T, H]``: position ``t`` holds the state at sequence
+        ``ViewHead`` with ``hidden`` ``[B, T, H]``: position ``t`` holds the state at sequence
         position ``P - 1 + t``, whose logits score completion token ``t`` (as in
         ``completion_logits``), and ``weight`` ``[V, H]``, ``V = vocab_size or V_model``: a view
         of the parameter, so the student's gradient reaches its first ``V`` rows.
@@ -306,7 +277,7 @@ def completion_hidden_states(
 
     def keep_input(module: torch.nn.Module, args: tuple) -> tuple:
         hidden = args[0]  # [B, L, H]
-        captured.append(HeadInputs(hidden, module.weight, _head_dtype(hidden, module.weight)))
+        captured.append(ViewHead(hidden, module.weight, _head_dtype(hidden, module.weight)))
         return (hidden[:, -1:], *args[1:])  # [B, 1, H]
 
     length = inputs.completion_length
@@ -332,7 +303,7 @@ def completion_hidden_states(
     # Cut after the check above, which compares the model's whole last-position logits.
     weight = captured[0].weight  # [V_model, H]
     keep = vocabulary_slice(weight.shape[0], vocab_size)
-    return HeadInputs(
+    return ViewHead(
         hidden, weight if keep is None else weight[keep], captured[0].dtype
     )  # weight [V, H]
 
@@ -345,10 +316,10 @@ def _head_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def _check_projection(name: str, logits: Tensor, head: HeadInputs) -> None:
+def _check_projection(name: str, logits: Tensor, head: ViewHead) -> None:
     """Raise unless the model's logits ``[B, 1, V]`` at the last position equal the projection
     of its hidden states: the guard against a logit transform ``output_head_problem`` missed."""
-    hidden, weight = HeadInputs(head.hidden[:, -1:], head.weight, head.dtype).projection()
+    hidden, weight = ViewHead(head.hidden[:, -1:], head.weight, head.dtype).projection()
     expected = (hidden @ weight.T).float()  # [B, 1, V]
     if expected.numel() == 0:
         return

@@ -11,7 +11,6 @@ own rows), weight, reduce once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,11 +23,16 @@ from dopd.objectives.divergences import (
     sampled_token_surrogate,
 )
 from dopd.objectives.reduction import REDUCTIONS, reduce_loss
+from dopd.objectives.statistics import Thresholds
 from dopd.objectives.support import SUPPORT_SOURCES, restrict_to_support, topk_support
 from dopd.objectives.views import TokenViews, check_token_classes
 
 GRANULARITIES = ("sampled", "topk", "full")
 TARGETS = ("teacher", "priv_student", "extrapolated")
+
+# An objective's step-level thresholds: DOPD's ``Thresholds``, named 0-d tensors for the zoo
+# objectives that route on a batch quantile, or None for objectives that route on none.
+ObjectiveThresholds = Thresholds | dict[str, Tensor] | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +101,7 @@ class ObjectiveOutput:
     loss: Tensor
     per_token_loss: Tensor
     groups: Tensor
-    thresholds: Any
+    thresholds: ObjectiveThresholds
     statistics: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -140,7 +144,7 @@ class Objective:
         """Per-token ``[N]`` statistics that thresholds are computed from (detached)."""
         return {}
 
-    def thresholds(self, statistics: dict[str, Tensor]) -> Any:
+    def thresholds(self, statistics: dict[str, Tensor]) -> ObjectiveThresholds:
         """Step-level thresholds from statistics merged over a whole optimizer step."""
         return None
 
@@ -150,7 +154,9 @@ class Objective:
         that a caller knows when the statistics of the whole step are needed before any loss."""
         return type(self).thresholds is not Objective.thresholds
 
-    def assign(self, views: TokenViews, statistics: dict[str, Tensor], thresholds: Any) -> Tensor:
+    def assign(
+        self, views: TokenViews, statistics: dict[str, Tensor], thresholds: ObjectiveThresholds
+    ) -> Tensor:
         """``[N]`` long group index of every valid token."""
         return torch.zeros(views.num_tokens, dtype=torch.long, device=views.token_ids.device)
 
@@ -158,7 +164,9 @@ class Objective:
         """``[M, V]`` logits of ``target`` at ``rows`` ``[M]``."""
         return views.logits[target][rows]
 
-    def metrics(self, statistics: dict[str, Tensor], thresholds: Any) -> dict[str, Tensor]:
+    def metrics(
+        self, statistics: dict[str, Tensor], thresholds: ObjectiveThresholds
+    ) -> dict[str, Tensor]:
         """Extra 0-d tensors to report (converted to floats with the rest)."""
         return {}
 
@@ -196,10 +204,12 @@ class TokenLosses:
     per_token: Tensor
     groups: Tensor
     statistics: dict[str, Tensor]
-    thresholds: Any
+    thresholds: ObjectiveThresholds
 
 
-def token_losses(objective: Objective, views: TokenViews, thresholds: Any = None) -> TokenLosses:
+def token_losses(
+    objective: Objective, views: TokenViews, thresholds: ObjectiveThresholds = None
+) -> TokenLosses:
     """Route every row of ``views`` and evaluate its group's terms on it.
 
     Args:
@@ -255,7 +265,11 @@ def _check_inputs(
 
 
 def objective_metrics(
-    objective: Objective, groups: Tensor, per_token: Tensor, statistics: dict, thresholds: Any
+    objective: Objective,
+    groups: Tensor,
+    per_token: Tensor,
+    statistics: dict,
+    thresholds: ObjectiveThresholds,
 ) -> dict[str, float]:
     """Group fractions and mean losses plus the objective's own metrics, as Python floats.
 
@@ -284,7 +298,7 @@ def objective_loss(
     completion_mask: Tensor,
     *,
     reference_logits: Tensor | None = None,
-    thresholds: Any = None,
+    thresholds: ObjectiveThresholds = None,
     denominator: Tensor | float | None = None,
     token_classes: Tensor | None = None,
 ) -> ObjectiveOutput:

@@ -3,7 +3,7 @@
 The reference path (``objective_loss``) takes ``[B, T, V]`` logits of every view; at V = 151,936
 three such tensors exhaust memory long before the models do. This path takes each view's hidden
 states at the valid completion tokens (``[N, d]``) and its output-head weight (``[V, d]``) and
-projects ``chunk_size`` rows at a time, so extra memory is O(chunk_size x V) (Liger-Kernel's
+projects ``chunk_rows`` rows at a time, so extra memory is O(chunk_rows x V) (Liger-Kernel's
 chunked loss).
 The per-token maths is the reference path's own ``token_losses``; only the plumbing lives here:
 
@@ -20,8 +20,8 @@ reference path (the trainer falls back to it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from torch import Tensor
 from dopd.objectives.base import (
     Objective,
     ObjectiveOutput,
+    ObjectiveThresholds,
     TokenLosses,
     objective_metrics,
     token_losses,
@@ -37,29 +38,14 @@ from dopd.objectives.statistics import merge_statistics
 from dopd.objectives.views import (
     VIEW_NAMES,
     TokenViews,
+    ViewHead,
+    ViewName,
     check_token_classes,
     compute_dtype,
     logits_entropy,
 )
 
-DEFAULT_CHUNK_SIZE = 1024
-
-
-@dataclass(frozen=True)
-class Head:
-    """One view's rows and output head: ``logits = hidden @ weight.T``.
-
-    Attributes:
-        hidden: ``[N, d]`` float hidden states at the valid completion tokens.
-        weight: ``[V, d]`` float output-head weight.
-    """
-
-    hidden: Tensor
-    weight: Tensor
-
-    def logits(self, rows: slice) -> Tensor:
-        """``[C, V]`` logits of ``rows`` in the inputs' dtype, as the model's head does."""
-        return self.hidden[rows] @ self.weight.T
+DEFAULT_CHUNK_ROWS = 1024
 
 
 @dataclass
@@ -83,51 +69,34 @@ class ChunkedOutput(ObjectiveOutput):
 
 def chunked_statistics(
     objective: Objective,
-    student_hidden: Tensor | None,
-    student_head_weight: Tensor | None,
-    priv_student_hidden: Tensor | None,
-    teacher_hidden: Tensor | None,
-    teacher_head_weight: Tensor | None,
+    heads: Mapping[ViewName, ViewHead],
     token_ids: Tensor,
     *,
-    reference_hidden: Tensor | None = None,
-    reference_head_weight: Tensor | None = None,
-    priv_student_head_weight: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> dict[str, Tensor]:
     """Per-token statistics of ``objective``, projecting only its ``statistics_views``.
 
     Merge the results of every micro-batch and rank (``merge_statistics``) and pass
     ``objective.thresholds(merged)`` to ``chunked_objective_loss`` for exact step-level routing.
-    Arguments as in ``chunked_objective_loss``; only the ``statistics_views`` are required (the
-    student's hidden states may be None when the statistics do not read it).
+    Arguments as in ``chunked_objective_loss``; only the ``statistics_views`` must be in
+    ``heads``.
 
     Returns:
         name -> ``[N]`` float, detached.
     """
-    views = _views(
-        student_hidden, student_head_weight, priv_student_hidden, priv_student_head_weight,
-        teacher_hidden, teacher_head_weight, reference_hidden, reference_head_weight,
-    )  # fmt: skip
-    heads = _heads(objective, token_ids, chunk_size, views, set(objective.statistics_views))
-    return _statistics(objective, heads, token_ids, chunk_size)
+    needed = set(objective.statistics_views)
+    projected = _projected(objective, heads, token_ids, chunk_rows, needed)
+    return _statistics(objective, projected, token_ids, chunk_rows)
 
 
 def chunked_objective_loss(
     objective: Objective,
-    student_hidden: Tensor,
-    student_head_weight: Tensor,
-    priv_student_hidden: Tensor | None,
-    teacher_hidden: Tensor | None,
-    teacher_head_weight: Tensor | None,
+    heads: Mapping[ViewName, ViewHead],
     token_ids: Tensor,
     row_weights: Tensor,
     *,
-    reference_hidden: Tensor | None = None,
-    reference_head_weight: Tensor | None = None,
-    priv_student_head_weight: Tensor | None = None,
-    thresholds: Any = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    thresholds: ObjectiveThresholds = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
     student_entropy: bool = False,
     token_classes: Tensor | None = None,
 ) -> ChunkedOutput:
@@ -136,22 +105,16 @@ def chunked_objective_loss(
 
     Args:
         objective: the routing rule and its options (temperature, top-K, ...).
-        student_hidden: ``[N, d_S]`` float (any dtype), the student's final hidden states at the
-            valid tokens (``hidden[mask]``); gradient flows here.
-        student_head_weight: ``[V, d_S]`` the student's output head (may be tied to its
-            embedding); gradient flows here.
-        priv_student_hidden: ``[N, d_S]`` the student on the privileged prompt, or None when
-            unused (constant).
-        teacher_hidden: ``[N, d_T]`` or None when unused (constant).
-        teacher_head_weight: ``[V, d_T]`` or None when unused (constant).
+        heads: view name -> ``ViewHead`` with ``[N, d_view]`` hidden states at the valid tokens
+            (``hidden[mask]``) and the view's ``[V, d_view]`` head, for ``student`` and every
+            view the objective reads (``priv_student`` is the student on the hinted prompt: the
+            student's own head). Gradient flows into the student's hidden states and head weight
+            (which may be tied to its embedding); the other views are constant.
         token_ids: ``[N]`` long, the sampled completion tokens.
         row_weights: ``[N]`` float, each token's factor in the step's loss
             (``reduction.row_weights(mask, reduction, denominator)``).
-        reference_hidden, reference_head_weight: ``[N, d_R]``, ``[V, d_R]``, for objectives that
-            use a reference model (constant).
-        priv_student_head_weight: ``[V, d_S]``; default ``student_head_weight`` (constant).
         thresholds: step-level thresholds; None computes them from these ``N`` rows.
-        chunk_size: rows projected at a time; peak memory grows as ``chunk_size x V``.
+        chunk_rows: rows projected at a time; peak memory grows as ``chunk_rows x V``.
         student_entropy: also return the student's per-row entropy (a metric), computed from
             each chunk's logits while they exist.
         token_classes: ``[N]`` long, each row's true class as an index into
@@ -160,11 +123,7 @@ def chunked_objective_loss(
     Returns:
         ``ChunkedOutput``; the loss is ``sum(row_weights * per_token_loss)``.
     """
-    views = _views(
-        student_hidden, student_head_weight, priv_student_hidden, priv_student_head_weight,
-        teacher_hidden, teacher_head_weight, reference_hidden, reference_head_weight,
-    )  # fmt: skip
-    heads = _heads(objective, token_ids, chunk_size, views, _loss_views(objective))
+    projected = _projected(objective, heads, token_ids, chunk_rows, _loss_views(objective))
     if row_weights.shape != token_ids.shape:
         raise ValueError(
             f"row_weights must be [N] = {tuple(token_ids.shape)} like token_ids; "
@@ -180,21 +139,19 @@ def chunked_objective_loss(
     if not objective.uses_token_classes:
         token_classes = None
     if thresholds is None and objective.uses_thresholds:
-        thresholds = objective.thresholds(_statistics(objective, heads, token_ids, chunk_size))
+        thresholds = objective.thresholds(_statistics(objective, projected, token_ids, chunk_rows))
+    # The student's projection, differentiable: the loss's gradient reaches the student through it.
+    student_hidden, student_weight = heads["student"].projection()
     gradients = None
-    if torch.is_grad_enabled() and (
-        student_hidden.requires_grad or student_head_weight.requires_grad
-    ):
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad):
         gradients = _Gradients(
-            heads["student"], student_hidden.requires_grad, student_head_weight.requires_grad
+            projected["student"], student_hidden.requires_grad, student_weight.requires_grad
         )
     value, parts, entropy = _loss_pass(
-        objective, heads, token_ids, token_classes, row_weights, thresholds, chunk_size,
+        objective, projected, token_ids, token_classes, row_weights, thresholds, chunk_rows,
         gradients, student_entropy,
     )  # fmt: skip
-    loss = (
-        value if gradients is None else gradients.attach(value, student_hidden, student_head_weight)
-    )
+    loss = value if gradients is None else gradients.attach(value, student_hidden, student_weight)
     per_token = torch.cat([part.per_token for part in parts])  # [N]
     groups = torch.cat([part.groups for part in parts])  # [N]
     statistics = merge_statistics(part.statistics for part in parts)
@@ -202,23 +159,7 @@ def chunked_objective_loss(
     return ChunkedOutput(loss, per_token, groups, thresholds, statistics, metrics, entropy)
 
 
-def _views(
-    student_hidden, student_head_weight, priv_student_hidden, priv_student_head_weight,
-    teacher_hidden, teacher_head_weight, reference_hidden, reference_head_weight,
-) -> dict[str, tuple[Tensor | None, Tensor | None]]:  # fmt: skip
-    """View name -> (hidden states, head weight), as the public functions take them."""
-    if priv_student_head_weight is None:
-        # The privileged student is the student itself on another prompt: the same head.
-        priv_student_head_weight = student_head_weight
-    return {
-        "student": (student_hidden, student_head_weight),
-        "priv_student": (priv_student_hidden, priv_student_head_weight),
-        "teacher": (teacher_hidden, teacher_head_weight),
-        "reference": (reference_hidden, reference_head_weight),
-    }
-
-
-def _loss_views(objective: Objective) -> set[str]:
+def _loss_views(objective: Objective) -> set[ViewName]:
     """The views the loss pass reads: the student, the terms' targets, the statistics' views."""
     used = {
         "priv_student": objective.uses_priv_student,
@@ -228,40 +169,45 @@ def _loss_views(objective: Objective) -> set[str]:
     return {"student", *objective.statistics_views, *(name for name, flag in used.items() if flag)}
 
 
-def _heads(
+def _projected(
     objective: Objective,
+    heads: Mapping[ViewName, ViewHead],
     token_ids: Tensor,
-    chunk_size: int,
-    views: dict[str, tuple[Tensor | None, Tensor | None]],
-    needed: set[str],
-) -> dict[str, Head]:
-    """The ``needed`` views, detached, after checks."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-    heads = {}
+    chunk_rows: int,
+    needed: set[ViewName],
+) -> dict[ViewName, ViewHead]:
+    """The ``needed`` views, cast to the dtype each head computes in and detached, after checks."""
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int; got {chunk_rows!r}")
+    unknown = sorted(set(heads) - set(VIEW_NAMES))
+    if unknown:
+        raise ValueError(f"heads has unknown views {unknown}; use names from {VIEW_NAMES}")
+    projected = {}
     for name in VIEW_NAMES:
-        hidden, weight = views[name]
         if name not in needed:
             continue
-        if hidden is None or weight is None:
+        if name not in heads:
             raise ValueError(
-                f"objective {type(objective).__name__} needs {name}_hidden and its head weight; "
-                "got None"
+                f"objective {type(objective).__name__} reads the {name} view; pass "
+                f"heads[{name!r}] (its hidden states and output head)"
             )
-        _check_head(name, hidden, weight, token_ids)
-        heads[name] = Head(hidden.detach(), weight.detach())
-    first = next(iter(heads), None)
-    for name, head in heads.items():
-        if head.weight.shape[0] != heads[first].weight.shape[0]:
+        _check_head(name, heads[name], token_ids)
+        hidden, weight = heads[name].projection()
+        projected[name] = ViewHead(hidden.detach(), weight.detach(), heads[name].compute_dtype)
+    first = next(iter(projected), None)
+    for name, head in projected.items():
+        if head.weight.shape[0] != projected[first].weight.shape[0]:
             raise ValueError(
-                f"vocabulary size mismatch: the {first} head has V={heads[first].weight.shape[0]} "
-                f"but the {name} head has V={head.weight.shape[0]}; pass the first rows of each "
-                "head, weight[:V_common] (V_common from dopd.modeling.loading.common_vocabulary)"
+                f"vocabulary size mismatch: the {first} head has "
+                f"V={projected[first].weight.shape[0]} but the {name} head has "
+                f"V={head.weight.shape[0]}; pass the first rows of each head, weight[:V_common] "
+                "(V_common from dopd.modeling.loading.common_vocabulary)"
             )
-    return heads
+    return projected
 
 
-def _check_head(name: str, hidden: Tensor, weight: Tensor, token_ids: Tensor) -> None:
+def _check_head(name: str, head: ViewHead, token_ids: Tensor) -> None:
+    hidden, weight = head.hidden, head.weight
     if token_ids.dim() != 1:
         raise ValueError(
             f"token_ids must be [N] (the valid completion tokens, ids[mask]); "
@@ -269,33 +215,34 @@ def _check_head(name: str, hidden: Tensor, weight: Tensor, token_ids: Tensor) ->
         )
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"{name}_hidden must be [N, d] and its head weight [V, d]; got "
+            f"heads[{name!r}].hidden must be [N, d] and its weight [V, d]; got "
             f"{tuple(hidden.shape)} and {tuple(weight.shape)}; pass hidden[mask] and the "
             "model's own output head"
         )
     if hidden.shape[0] != token_ids.shape[0]:
         raise ValueError(
-            f"{name}_hidden has {hidden.shape[0]} rows but token_ids has {token_ids.shape[0]}; "
+            f"heads[{name!r}].hidden has {hidden.shape[0]} rows but token_ids has "
+            f"{token_ids.shape[0]}; "
             "select both with the same mask"
         )
 
 
-def _chunks(num_rows: int, chunk_size: int) -> list[slice]:
+def _chunks(num_rows: int, chunk_rows: int) -> list[slice]:
     # N = 0 still gets one (empty) chunk, so that statistics keep their keys and dtypes.
-    return [slice(start, start + chunk_size) for start in range(0, max(num_rows, 1), chunk_size)]
+    return [slice(start, start + chunk_rows) for start in range(0, max(num_rows, 1), chunk_rows)]
 
 
 @torch.no_grad()
-def _logits(heads: dict[str, Head], names, rows: slice) -> dict[str, Tensor]:
+def _logits(heads: dict[ViewName, ViewHead], names, rows: slice) -> dict[str, Tensor]:
     return {name: heads[name].logits(rows) for name in names}  # [C, V] each
 
 
 @torch.no_grad()
 def _statistics(
-    objective: Objective, heads: dict[str, Head], token_ids: Tensor, chunk_size: int
+    objective: Objective, heads: dict[ViewName, ViewHead], token_ids: Tensor, chunk_rows: int
 ) -> dict[str, Tensor]:
     parts = []
-    for rows in _chunks(token_ids.shape[0], chunk_size):
+    for rows in _chunks(token_ids.shape[0], chunk_rows):
         logits = _logits(heads, objective.statistics_views, rows)
         parts.append(
             objective.statistics(
@@ -307,12 +254,12 @@ def _statistics(
 
 def _loss_pass(
     objective: Objective,
-    heads: dict[str, Head],
+    heads: dict[ViewName, ViewHead],
     token_ids: Tensor,
     token_classes: Tensor | None,
     row_weights: Tensor,
-    thresholds: Any,
-    chunk_size: int,
+    thresholds: ObjectiveThresholds,
+    chunk_rows: int,
     gradients: _Gradients | None,
     student_entropy: bool,
 ) -> tuple[Tensor, list[TokenLosses], Tensor | None]:
@@ -320,7 +267,7 @@ def _loss_pass(
     the student's ``[N]`` entropy (when asked), and each chunk's gradient pushed into
     ``gradients`` (when given) before the next chunk."""
     values, parts, entropies = [], [], []
-    for rows in _chunks(token_ids.shape[0], chunk_size):
+    for rows in _chunks(token_ids.shape[0], chunk_rows):
         student_logits, part, chunk_loss = _chunk_loss(
             objective, heads, token_ids, token_classes, row_weights, rows, thresholds,
             gradients is not None,
@@ -338,12 +285,12 @@ def _loss_pass(
 
 def _chunk_loss(
     objective: Objective,
-    heads: dict[str, Head],
+    heads: dict[ViewName, ViewHead],
     token_ids: Tensor,
     token_classes: Tensor | None,
     row_weights: Tensor,
     rows: slice,
-    thresholds: Any,
+    thresholds: ObjectiveThresholds,
     requires_grad: bool,
 ) -> tuple[Tensor, TokenLosses, Tensor]:
     """The chunk's student logits ``[C, V]`` (a leaf), its ``TokenLosses`` and its weighted sum.
@@ -374,7 +321,7 @@ class _Gradients:
     allocate a fresh ``[V, d]`` tensor per chunk.
     """
 
-    def __init__(self, head: Head, hidden: bool, weight: bool):
+    def __init__(self, head: ViewHead, hidden: bool, weight: bool):
         self.head = head
         self.hidden = torch.zeros_like(head.hidden) if hidden else None  # [N, d]
         # Accumulated over chunks in float32 or wider, rounded to the weight's dtype once.

@@ -1,16 +1,70 @@
-"""The valid completion positions of every model view, flattened to rows.
+"""The model views of one completion, named once, in the two forms the objectives read.
 
-Objectives never see padding: ``TokenViews`` keeps, for each view, only the rows of the logits at
-valid completion positions (``N`` rows of a ``[B, T]`` batch), already divided by the loss
-temperature and cast to the compute dtype. Only the student view carries gradient.
+A *view* is one model scoring the completion after one prompt (docs/method.md §1): the student on
+the plain prompt (the only view with gradient), the privileged student (the student on the hinted
+prompt), the teacher on the hinted prompt, and an optional reference model.
+
+* ``ViewHead``: a view's final hidden states and the output head that projects them, the form the
+  chunked loss takes (no ``[N, V]`` logits until a chunk needs them);
+* ``TokenViews``: every view's logits at the valid completion positions (``N`` rows of a
+  ``[B, T]`` batch, never padding), already divided by the loss temperature and cast to the
+  compute dtype, the form every objective's per-token maths reads.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
-VIEW_NAMES = ("student", "priv_student", "teacher", "reference")
+ViewName = Literal["student", "priv_student", "teacher", "reference"]
+VIEW_NAMES: tuple[ViewName, ...] = get_args(ViewName)
+# The views scored without gradient, once per step before any loss (docs/method.md §5).
+CONSTANT_VIEWS: tuple[ViewName, ...] = ("priv_student", "teacher", "reference")
+
+
+@dataclass(frozen=True)
+class ViewHead:
+    """One view's final hidden states and the output head that scores them.
+
+    ``hidden.to(dtype) @ weight.to(dtype).T`` are the view's logits (their first ``V`` columns when
+    the weight is cut to the run's common vocabulary).
+
+    Attributes:
+        hidden: ``[B, T, H]`` (``[N, H]`` after ``select``) float; position ``t`` scores
+            completion token ``t``. Carries the forward's graph when the forward ran with grad.
+        weight: ``[V, H]`` the output head's weight: the parameter itself (perhaps tied to the
+            embedding), or its first ``V`` rows.
+        dtype: the dtype the head computes in: the autocast dtype under mixed precision, else the
+            weight's; None promotes ``hidden`` and ``weight``.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    dtype: torch.dtype | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """``dtype``, or the promotion of the hidden states' and the weight's dtypes."""
+        return self.dtype or torch.promote_types(self.hidden.dtype, self.weight.dtype)
+
+    def select(self, mask: Tensor) -> ViewHead:
+        """The rows at ``mask`` (``[B, T]`` bool): ``hidden`` becomes ``[N, H]``."""
+        return ViewHead(self.hidden[mask], self.weight, self.dtype)
+
+    def projection(self) -> tuple[Tensor, Tensor]:
+        """``hidden`` and ``weight`` cast (differentiably) to the compute dtype: their product is
+        what the model's head computes, e.g. a bf16 matmul under bf16 autocast."""
+        dtype = self.compute_dtype
+        return self.hidden.to(dtype), self.weight.to(dtype)
+
+    def logits(self, rows: slice) -> Tensor:
+        """``[C, V]`` logits of ``rows`` of ``[N, H]`` hidden states, as the model's head computes
+        them."""
+        dtype = self.compute_dtype
+        return self.hidden[rows].to(dtype) @ self.weight.to(dtype).T
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

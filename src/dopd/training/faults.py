@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 
 from dopd.modeling.alignment import completion_logits
-from dopd.training.step import CONSTANT_VIEWS, MicroBatch
-
-VIEW_ORDER = ("student", *CONSTANT_VIEWS)
+from dopd.objectives.views import VIEW_NAMES
+from dopd.training.step import MicroBatch
 
 
 @torch.no_grad()
@@ -34,7 +33,7 @@ def locate_nonfinite(
             never reached the loss, so they are not inspected.
     """
     for index, batch in enumerate(batches):
-        for name in VIEW_ORDER:
+        for name in VIEW_NAMES:
             model = student if name == "student" else models.get(name)
             if model is None or name not in batch.inputs:
                 continue

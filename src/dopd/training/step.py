@@ -20,8 +20,9 @@ Two loss paths give the same results (tests/test_step.py):
   ``torch.nn.Linear`` head, a head bias, logit soft-capping or scaling) or parameters are
   sharded (FSDP, DeepSpeed).
 
-Both paths score the common vocabulary ``vocab_size`` (``dopd.modeling.loading.common_vocabulary``): a
-padded head's logits, or its weight's rows, are cut to the first ``vocab_size`` ids.
+Both paths score the common vocabulary ``vocab_size``
+(``dopd.modeling.loading.common_vocabulary``): a padded head's logits, or its weight's rows, are
+cut to the first ``vocab_size`` ids.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -38,7 +38,6 @@ from torch import Tensor
 from dopd.config import LOSS_PATHS
 from dopd.errors import DOPDError, require_choice, require_int
 from dopd.modeling.alignment import (
-    HeadInputs,
     ViewInputs,
     build_view_inputs,
     check_aligned,
@@ -46,14 +45,23 @@ from dopd.modeling.alignment import (
     completion_logits,
     output_head_problem,
 )
-from dopd.objectives.base import Objective, objective_loss
-from dopd.objectives.chunked import DEFAULT_CHUNK_SIZE, chunked_objective_loss, chunked_statistics
+from dopd.objectives.base import Objective, ObjectiveThresholds, objective_loss
+from dopd.objectives.chunked import (
+    DEFAULT_CHUNK_ROWS,
+    chunked_objective_loss,
+    chunked_statistics,
+)
 from dopd.objectives.reduction import loss_denominator, row_weights
 from dopd.objectives.statistics import merge_statistics
-from dopd.objectives.views import VIEW_NAMES, TokenViews, compute_dtype, logits_entropy
+from dopd.objectives.views import (
+    CONSTANT_VIEWS,
+    TokenViews,
+    ViewHead,
+    ViewName,
+    compute_dtype,
+    logits_entropy,
+)
 from dopd.training.distributed import SHARDED, gather_rows, sum_across
-
-CONSTANT_VIEWS = ("priv_student", "teacher", "reference")
 
 
 @dataclass
@@ -176,7 +184,7 @@ def run_step(
     batches: list[MicroBatch],
     *,
     path: str = "auto",
-    chunk_rows: int = DEFAULT_CHUNK_SIZE,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
     vocab_size: int | None = None,
 ) -> StepOutput:
     """Accumulate the gradient of one optimizer step into ``student`` (no optimizer call).
@@ -188,19 +196,20 @@ def run_step(
         path: ``auto`` (chunked where exact, else reference), ``chunked`` or ``reference``.
         chunk_rows: token rows projected through an output head at a time on the chunked path;
             its extra memory grows as ``chunk_rows x V``.
-        vocab_size: the common vocabulary of the heads (``dopd.modeling.loading.common_vocabulary``): every
-            view is scored over ids ``0 .. vocab_size - 1``. None (or every head's size) scores
+        vocab_size: the common vocabulary of the heads
+            (``dopd.modeling.loading.common_vocabulary``): every view is scored over ids
+            ``0 .. vocab_size - 1``. None (or every head's size) scores
             each head whole, which then requires equal sizes.
     """
     require_int("chunk_rows", chunk_rows, low=1)
     chosen = choose_path(accelerator, student, models, path)
-    views = (_ChunkedViews if chosen == "chunked" else _ReferenceViews)(
+    loss_path = (_ChunkedPath if chosen == "chunked" else _ReferencePath)(
         objective, student, models, chunk_rows, vocab_size
     )
     start = time.perf_counter()
-    scores = [views.score(batch) for batch in batches]
+    scores = [loss_path.score(batch) for batch in batches]
     statistics = (
-        [views.statistics(batch, score) for batch, score in zip(batches, scores)]
+        [loss_path.statistics(batch, score) for batch, score in zip(batches, scores)]
         if objective.statistics_views
         else []
     )
@@ -223,7 +232,7 @@ def run_step(
     for index, (batch, score) in enumerate(zip(batches, scores)):
         sync = index == len(batches) - 1
         with nullcontext() if sync else accelerator.no_sync(student):
-            out = views.loss(batch, score, thresholds, denominator)
+            out = loss_path.loss(batch, score, thresholds, denominator)
             # Data parallelism averages gradients over ranks; each rank's loss already divides by
             # the global denominator, so scale back up to get the sum.
             accelerator.backward(out.loss * accelerator.num_processes)
@@ -249,7 +258,7 @@ class _BatchLoss:
     entropy: Tensor
 
 
-class _ReferenceViews:
+class _ReferencePath:
     """Every view as ``[b, T, V]`` logits, the loss by ``objective_loss``."""
 
     def __init__(
@@ -288,7 +297,11 @@ class _ReferenceViews:
         return self.objective.statistics(token_views)
 
     def loss(
-        self, batch: MicroBatch, logits: dict[str, Tensor], thresholds: Any, denominator: Tensor
+        self,
+        batch: MicroBatch,
+        logits: dict[str, Tensor],
+        thresholds: ObjectiveThresholds,
+        denominator: Tensor,
     ) -> _BatchLoss:
         student_logits = completion_logits(
             self.student, batch.inputs["student"], self.vocab_size
@@ -314,7 +327,7 @@ class _ReferenceViews:
         )
 
 
-class _ChunkedViews:
+class _ChunkedPath:
     """Every view as final hidden states ``[N, H]`` at the valid tokens plus its head weight; the
     statistics and the loss project them ``chunk_rows`` rows at a time."""
 
@@ -330,7 +343,7 @@ class _ChunkedViews:
         self.chunk_rows, self.vocab_size = chunk_rows, vocab_size
 
     @torch.no_grad()
-    def score(self, batch: MicroBatch) -> dict[str, HeadInputs]:
+    def score(self, batch: MicroBatch) -> dict[ViewName, ViewHead]:
         mask = batch.completion_mask.bool()
         return {
             name: completion_hidden_states(
@@ -340,7 +353,7 @@ class _ChunkedViews:
             if name in self.models
         }
 
-    def statistics(self, batch: MicroBatch, heads: dict[str, HeadInputs]) -> dict[str, Tensor]:
+    def statistics(self, batch: MicroBatch, heads: dict[ViewName, ViewHead]) -> dict[str, Tensor]:
         mask = batch.completion_mask.bool()
         if "student" in self.objective.statistics_views:
             with torch.no_grad():
@@ -351,14 +364,15 @@ class _ChunkedViews:
                     ).select(mask),
                 }
         return chunked_statistics(
-            self.objective,
-            token_ids=batch.completion_ids[mask],
-            chunk_size=self.chunk_rows,
-            **_view_arguments(heads),
+            self.objective, heads, batch.completion_ids[mask], chunk_rows=self.chunk_rows
         )
 
     def loss(
-        self, batch: MicroBatch, heads: dict[str, HeadInputs], thresholds: Any, denominator: Tensor
+        self,
+        batch: MicroBatch,
+        heads: dict[ViewName, ViewHead],
+        thresholds: ObjectiveThresholds,
+        denominator: Tensor,
     ) -> _BatchLoss:
         mask = batch.completion_mask.bool()
         # Through the (possibly DDP-wrapped) student, so that its backward syncs gradients.
@@ -370,25 +384,15 @@ class _ChunkedViews:
         )  # [N]
         out = chunked_objective_loss(
             self.objective,
-            token_ids=batch.completion_ids[mask],
-            row_weights=weights,
+            {**heads, "student": student},
+            batch.completion_ids[mask],
+            weights,
             thresholds=thresholds,
-            chunk_size=self.chunk_rows,
+            chunk_rows=self.chunk_rows,
             student_entropy=True,
             token_classes=None if batch.token_classes is None else batch.token_classes[mask],
-            **_view_arguments({**heads, "student": student}),
         )
         return _BatchLoss(out.loss, out.groups, out.per_token_loss, out.student_entropy)
-
-
-def _view_arguments(heads: dict[str, HeadInputs]) -> dict[str, Tensor | None]:
-    """``{view}_hidden`` ``[N, H]`` and ``{view}_head_weight`` ``[V, H]`` keyword arguments of the
-    chunked loss, in the dtype each head computes in (None for views without a model)."""
-    arguments = {}
-    for name in VIEW_NAMES:
-        hidden, weight = heads[name].projection() if name in heads else (None, None)
-        arguments[f"{name}_hidden"], arguments[f"{name}_head_weight"] = hidden, weight
-    return arguments
 
 
 class _Totals:
