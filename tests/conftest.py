@@ -1,5 +1,5 @@
 """Shared pytest setup: tests never reach the network, run one thread each, and every test can ask
-for a seeded RNG."""
+for a seeded RNG, the arithmetic character tokenizer and tiny models over it."""
 
 import os
 
@@ -29,3 +29,24 @@ def seed() -> int:
     torch.manual_seed(SEED)
     np.random.seed(SEED)
     return SEED
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The character tokenizer over digits and ``+*=`` (``tests.tiny_models``); one per module,
+    so a module that changed it could not leak the change into another."""
+    from tests.tiny_models import arithmetic_tokenizer  # transformers only for tests that use it
+
+    return arithmetic_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    """Factory: ``tiny_model(seed)`` is the 1-layer Qwen3 of ``tests.tiny_models.arithmetic_model``
+    over ``tokenizer``, built afresh at each call (train mode)."""
+    from tests.tiny_models import arithmetic_model
+
+    def build(seed: int):
+        return arithmetic_model(tokenizer, seed)
+
+    return build

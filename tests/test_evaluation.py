@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dopd.errors import ConfigError
-from dopd.modeling.tiny import build_char_tokenizer, build_tiny_model
 from dopd.training.evaluation import (
     EvalResult,
     evaluate,
@@ -17,7 +16,6 @@ from dopd.training.evaluation import (
     numeric_match,
 )
 
-CHARACTERS = "0123456789+*="
 PROMPTS = ["1+2=", "12*34+5=", "7=", "99*9=", "3*3*3+1=", "8*8="]
 MAX_NEW_TOKENS = 10
 
@@ -113,25 +111,13 @@ def test_load_verifier_missing_file(tmp_path):
 # -- evaluate -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer(CHARACTERS)
+# ``tokenizer`` and ``tiny_model`` are conftest.py's (tests.tiny_models).
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    # A wide initialisation keeps greedy margins far above float rounding (see test_rollout).
-    return build_tiny_model(
-        len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        intermediate_size=64,
-        initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        seed=1,
-    )
+def model(tiny_model):
+    # The wide initialisation of tiny_model keeps greedy margins far above float rounding.
+    return tiny_model(seed=1)
 
 
 @pytest.fixture(scope="module")

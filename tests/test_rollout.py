@@ -11,29 +11,24 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LogitsProcessorList
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from dopd.errors import ConfigError, DOPDError
-from dopd.modeling.tiny import build_char_tokenizer, build_tiny_model
+from dopd.training import rollout as rollout_module
 from dopd.training.rollout import (
     HashGumbelSampler,
     Rollouts,
     completion_token_classes,
     generate_rollouts,
     hash_uniform,
+    rollout_logits_processors,
     rollout_seeds,
 )
 from dopd.training.trainer import PromptSampler
+from tests.tiny_models import arithmetic_tokenizer
 from tests.tolerance import tolerance
 
 MASK64 = (1 << 64) - 1
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-CHARACTERS = "0123456789+*="
 PROMPTS = ["1+2=", "12*34+5=", "7=", "99*9=", "3*3*3+1="]
 MAX_LENGTH = 12
 
@@ -153,21 +148,23 @@ ROWS = 100_000
 PROMPT_LENGTH = 3
 
 
-def sample_argmax(
-    processors: LogitsProcessorList, position: int, row_seeds: torch.Tensor
-) -> np.ndarray:
-    """``[ROWS]`` argmax of the processed toy scores at ``position`` generated tokens."""
-    sampler_chain = LogitsProcessorList([*processors, HashGumbelSampler(row_seeds, PROMPT_LENGTH)])
+def sample_argmax(position: int, row_seeds: torch.Tensor, **sampling) -> np.ndarray:
+    """``[B]`` argmax of the toy scores at ``position`` generated tokens after the processors
+    ``generate_rollouts`` uses for ``sampling`` (``rollout_logits_processors``, not a copy)."""
+    sampler_chain = rollout_logits_processors(PROMPT_LENGTH, row_seeds=row_seeds, **sampling)
     input_ids = torch.zeros((len(row_seeds), PROMPT_LENGTH + position), dtype=torch.long)  # [B, L]
     scores = SCORES.expand(len(row_seeds), -1).clone()  # [B, V]
     return sampler_chain(input_ids, scores).argmax(-1).numpy()
 
 
 def reference_distribution(
-    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, vocab_size: int | None = None
 ) -> np.ndarray:
-    """softmax(scores / temperature), restricted to the top-k then to the nucleus, renormalised."""
+    """softmax(scores / temperature) over the first ``vocab_size`` ids (all by default),
+    restricted to the top-k then to the nucleus, renormalised."""
     logits = SCORES.double().numpy() / temperature
+    if vocab_size is not None:
+        logits[vocab_size:] = -np.inf
     probabilities = np.exp(logits - logits.max())
     probabilities /= probabilities.sum()
     order = np.argsort(-probabilities)
@@ -183,7 +180,7 @@ def reference_distribution(
 
 def test_hash_gumbel_argmax_samples_the_softmax():
     row_seeds = torch.arange(ROWS, dtype=torch.long)
-    samples = sample_argmax(LogitsProcessorList(), 0, row_seeds)
+    samples = sample_argmax(0, row_seeds)
     assert_frequencies_match(samples, reference_distribution())
 
 
@@ -192,22 +189,40 @@ def test_hash_gumbel_argmax_samples_the_softmax():
     [(0.7, 0, 1.0), (1.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8), (0.8, 4, 0.7)],
 )
 def test_hash_gumbel_after_warpers_samples_the_warped_distribution(temperature, top_k, top_p):
-    processors = LogitsProcessorList()  # assembled in generate_rollouts' order
-    if temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
-    if top_k > 0:
-        processors.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        processors.append(TopPLogitsWarper(top_p))
     row_seeds = rollout_seeds(11, 3, torch.arange(ROWS // 4), 4)
-    samples = sample_argmax(processors, 5, row_seeds)
-    assert_frequencies_match(samples, reference_distribution(temperature, top_k, top_p))
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    samples = sample_argmax(5, row_seeds, **sampling)
+    assert_frequencies_match(samples, reference_distribution(**sampling))
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (2, 1.0), (0, 0.8)])
+def test_hash_gumbel_after_the_vocabulary_mask_samples_the_common_vocabulary(top_k, top_p):
+    # The mask runs first: with ids >= 3 masked, top-2 and the 0.8 nucleus both keep ids {0, 2};
+    # masking after them would keep id 0 alone (the overall top-2 is {3, 0}, the overall
+    # nucleus {3, 0, 5}).
+    row_seeds = rollout_seeds(5, 2, torch.arange(ROWS // 4), 4)
+    sampling = {"temperature": 0.8, "top_k": top_k, "top_p": top_p, "vocab_size": 3}
+    samples = sample_argmax(2, row_seeds, **sampling)
+    assert_frequencies_match(samples, reference_distribution(**sampling))
+
+
+def test_rollout_processors_without_seeds_are_greedy_and_mask_only():
+    row_seeds = torch.arange(8, dtype=torch.long)
+    input_ids = torch.zeros((8, PROMPT_LENGTH), dtype=torch.long)  # [B, L]
+    scores = SCORES.expand(8, -1).clone()  # [B, V]
+    greedy = rollout_logits_processors(PROMPT_LENGTH, temperature=0.5, top_k=2, top_p=0.5)
+    assert torch.equal(greedy(input_ids, scores.clone()), scores)  # no seeds: the scores as given
+    masked = rollout_logits_processors(PROMPT_LENGTH, vocab_size=3)(input_ids, scores.clone())
+    assert torch.equal(masked[:, :3], scores[:, :3]) and torch.isneginf(masked[:, 3:]).all()
+    # A mask at the head's own size masks nothing: every id keeps a finite sampling score.
+    sampled = rollout_logits_processors(PROMPT_LENGTH, row_seeds=row_seeds, vocab_size=6)
+    assert sampled(input_ids, scores.clone()).isfinite().all()
 
 
 def test_hash_gumbel_draws_at_different_positions_are_independent():
     row_seeds = torch.arange(ROWS, dtype=torch.long) * 7 + 3
-    first = sample_argmax(LogitsProcessorList(), 0, row_seeds)
-    second = sample_argmax(LogitsProcessorList(), 1, row_seeds)
+    first = sample_argmax(0, row_seeds)
+    second = sample_argmax(1, row_seeds)
     probabilities = reference_distribution()
     joint = np.outer(probabilities, probabilities).reshape(-1)  # [V * V] product distribution
     assert_frequencies_match(first * len(probabilities) + second, joint)
@@ -224,28 +239,14 @@ def test_hash_gumbel_position_ignores_prompt_padding():
 # -- generate_rollouts on a tiny model ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer(CHARACTERS)
+# ``tokenizer`` and ``tiny_model`` are conftest.py's (tests.tiny_models).
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    # A wide initialisation makes greedy margins large (>= 1e-2), so greedy decoding with and
-    # without the KV cache or padding cannot flip on float rounding.
-    return build_tiny_model(
-        len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        seed=0,
-    ).eval()
+def model(tiny_model):
+    # The wide initialisation of tiny_model makes greedy margins large (>= 1e-2), so greedy
+    # decoding with and without the KV cache or padding cannot flip on float rounding.
+    return tiny_model(seed=0).eval()
 
 
 @pytest.fixture(scope="module")
@@ -370,6 +371,33 @@ def test_sampling_from_a_single_token_support_is_greedy(model, tokenizer, prompt
     assert valid_tokens(sampled) == valid_tokens(greedy)
 
 
+def test_generate_rollouts_samples_through_rollout_logits_processors(
+    model, tokenizer, prompt_ids, monkeypatch
+):
+    # The chain whose sampling the HashGumbelSampler tests check is the one generate receives.
+    built, received = [], []
+
+    def recording(*args, **kwargs):
+        built.append((args, kwargs, rollout_logits_processors(*args, **kwargs)))
+        return built[-1][2]
+
+    generate = model.generate
+
+    def recording_generate(**kwargs):
+        received.append(kwargs["logits_processor"])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(rollout_module, "rollout_logits_processors", recording)
+    monkeypatch.setattr(model, "generate", recording_generate)
+    sampling = {"temperature": 0.7, "top_p": 0.9, "top_k": 5, "vocab_size": len(tokenizer)}
+    row_seeds = rollout_seeds(0, 0, torch.arange(len(prompt_ids)), 2)
+    rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), generations=2, **sampling)
+    ((args, kwargs, processors),) = built
+    assert args == (max(len(ids) for ids in prompt_ids),)  # the padded prompt length
+    assert torch.equal(kwargs.pop("row_seeds"), row_seeds) and kwargs == sampling
+    assert len(received) == 1 and received[0] is processors
+
+
 def first_eos(row: list[int], eos_token_id: int) -> int | None:
     return row.index(eos_token_id) if eos_token_id in row else None
 
@@ -392,7 +420,7 @@ def test_completion_mask_ends_at_first_eos_and_pads_after(model, tokenizer, prom
 
 
 def test_pad_equal_to_eos_gives_the_same_rollouts(model, tokenizer, prompt_ids):
-    pad_is_eos = build_char_tokenizer(CHARACTERS)
+    pad_is_eos = arithmetic_tokenizer()  # a fresh copy: its pad token is replaced
     pad_is_eos.pad_token = pad_is_eos.eos_token
     assert pad_is_eos.pad_token_id == pad_is_eos.eos_token_id
     usual = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), generations=4)
@@ -489,8 +517,7 @@ def _class_rollouts(tokenizer, completions: list[str]) -> Rollouts:
     return Rollouts(ids, mask, torch.arange(len(rows)), torch.zeros(len(rows), dtype=torch.bool))
 
 
-def test_completion_token_classes_label_every_valid_token_and_only_those():
-    tokenizer = build_char_tokenizer(CHARACTERS)
+def test_completion_token_classes_label_every_valid_token_and_only_those(tokenizer):
     rollouts = _class_rollouts(tokenizer, ["1+2=3", "7=", ""])
     seen = []
 
@@ -508,8 +535,7 @@ def test_completion_token_classes_label_every_valid_token_and_only_those():
     ]
 
 
-def test_completion_token_classes_refuse_what_routing_cannot_read():
-    tokenizer = build_char_tokenizer(CHARACTERS)
+def test_completion_token_classes_refuse_what_routing_cannot_read(tokenizer):
     rollouts = _class_rollouts(tokenizer, ["1+2="])
     with pytest.raises(ConfigError, match="'mystery'.*not a key of objective.oracle_regimes"):
         completion_token_classes(rollouts, tokenizer, lambda t: ["mystery"] * len(t), ("format",))

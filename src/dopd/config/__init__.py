@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 from dopd.config.loading import (
     apply_override,
@@ -37,6 +37,7 @@ from dopd.errors import (
 )
 from dopd.io.data import DEFAULT_PRIVILEGED_TEMPLATE, check_privileged_template
 from dopd.objectives.base import Objective
+from dopd.objectives.chunked import DEFAULT_CHUNK_ROWS
 from dopd.objectives.registry import ObjectiveSpec, get_spec
 
 __all__ = [
@@ -57,13 +58,21 @@ __all__ = [
     "save_config",
 ]
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-VIEWS = ("privileged", "plain")
-PRIV_STUDENT_WEIGHTS = ("live", "base", "ema")
-OVERLONG_PROMPTS = ("skip", "error")
-LOSS_PATHS = ("auto", "chunked", "reference")
-MIXED_PRECISION = ("no", "bf16", "fp16")
-VERIFIERS = ("exact", "numeric")
+# Each choice is typed once; the tuple of its values is what validation and the help list.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+PromptView = Literal["privileged", "plain"]
+PrivStudentWeights = Literal["live", "base", "ema"]
+OverlongPrompts = Literal["skip", "error"]
+LossPath = Literal["auto", "chunked", "reference"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+Verifier = Literal["exact", "numeric"]
+DTYPES: tuple[Dtype, ...] = get_args(Dtype)
+VIEWS: tuple[PromptView, ...] = get_args(PromptView)
+PRIV_STUDENT_WEIGHTS: tuple[PrivStudentWeights, ...] = get_args(PrivStudentWeights)
+OVERLONG_PROMPTS: tuple[OverlongPrompts, ...] = get_args(OverlongPrompts)
+LOSS_PATHS: tuple[LossPath, ...] = get_args(LossPath)
+MIXED_PRECISION: tuple[MixedPrecision, ...] = get_args(MixedPrecision)
+VERIFIERS: tuple[Verifier, ...] = get_args(Verifier)
 BOOLS = (True, False)
 
 
@@ -85,7 +94,7 @@ class ModelSpec:
             "Qwen3Config keyword overrides for a random-init tiny model, e.g. {hidden_size: 64}"
         ),
     )
-    dtype: str = field(
+    dtype: Dtype = field(
         default="auto", metadata=doc(f"weight dtype when loading: {', '.join(DTYPES)}")
     )
     trust_remote_code: bool = field(
@@ -165,7 +174,7 @@ class DataConfig:
         ),
     )
     max_prompt_length: int = field(default=512, metadata=doc("longest prompt in tokens"))
-    overlong_prompts: str = field(
+    overlong_prompts: OverlongPrompts = field(
         default="skip", metadata=doc("what to do with a longer prompt: skip or error")
     )
 
@@ -217,21 +226,21 @@ class ObjectiveConfig:
 class ViewsConfig:
     """Which input each model view sees, and which weights score the privileged student."""
 
-    teacher: str | None = field(
+    teacher: PromptView | None = field(
         default=None, metadata=doc("teacher input: privileged or plain (null: the objective's)")
     )
-    priv_student: str | None = field(
+    priv_student: PromptView | None = field(
         default=None,
         metadata=doc("privileged-student input: privileged or plain (null: the objective's)"),
     )
-    priv_student_weights: str = field(
+    priv_student_weights: PrivStudentWeights = field(
         default="live",
         metadata=doc("weights of the privileged student: live (current), base (initial) or ema"),
     )
     ema_decay: float = field(
         default=0.99, metadata=doc("EMA decay per optimizer step when priv_student_weights=ema")
     )
-    student_input: str = field(
+    student_input: PromptView = field(
         default="plain",
         metadata=doc(
             "the student's training input: plain, or privileged (Priv.T->Priv.S diagnostic)"
@@ -245,7 +254,7 @@ class ViewsConfig:
             require_choice("priv_student", self.priv_student, VIEWS)
         require_choice("priv_student_weights", self.priv_student_weights, PRIV_STUDENT_WEIGHTS)
         require_range("ema_decay", self.ema_decay, low=0.0, high=1.0, low_open=True, high_open=True)
-        require_choice("student_input", self.student_input, ("plain", "privileged"))
+        require_choice("student_input", self.student_input, VIEWS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -319,7 +328,7 @@ class OptimConfig:
 class LoopConfig:
     """Precision, memory and the cadence of logging, checkpoints and evaluation."""
 
-    mixed_precision: str = field(
+    mixed_precision: MixedPrecision = field(
         default="no", metadata=doc("accelerate mixed precision: no, bf16 or fp16")
     )
     gradient_checkpointing: bool = field(
@@ -337,7 +346,7 @@ class LoopConfig:
     eval_every: int = field(
         default=0, metadata=doc("optimizer steps between evaluations on data.eval; 0 = off")
     )
-    loss_path: str = field(
+    loss_path: LossPath = field(
         default="auto",
         metadata=doc(
             "auto: chunked hidden-state loss when the model's head allows it, else reference; "
@@ -345,7 +354,7 @@ class LoopConfig:
         ),
     )
     loss_chunk_rows: int = field(
-        default=1024,
+        default=DEFAULT_CHUNK_ROWS,
         metadata=doc(
             "token rows per vocabulary projection on the chunked loss path (memory, not maths)"
         ),
@@ -368,7 +377,7 @@ class EvalConfig:
     max_examples: int = field(
         default=64, metadata=doc("evaluate on at most this many examples of data.eval")
     )
-    verifier: str = field(
+    verifier: Verifier = field(
         default="exact", metadata=doc("answer check: exact, numeric, or path/to/file.py:function")
     )
     max_new_tokens: int = field(default=64, metadata=doc("most new tokens per greedy answer"))
@@ -422,7 +431,7 @@ class TrainConfig:
                 "tokenizer.path=None with a tiny student (student.path=None): "
                 "set tokenizer.characters or tokenizer.path"
             )
-        if self.reference is not None and not self.objective.spec.objective_class.uses_reference:
+        if self.reference is not None and not self.objective.build().uses_reference:
             raise ConfigError(
                 f"reference is set but objective {self.objective.name!r} uses no reference model; "
                 "remove reference or choose an objective that uses one (exopd)"

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -56,6 +56,8 @@ def convert(hint: Any, value: Any, key: str) -> Any:
         return value
     if origin in (Union, UnionType):
         return _convert_union(hint, args, value, key)
+    if origin is Literal:
+        return _convert_choice(args, value, key)
     if is_dataclass(hint):
         return value if isinstance(value, hint) else from_dict(hint, value, key)
     if origin is tuple:
@@ -77,6 +79,14 @@ def _convert_union(hint: Any, args: tuple, value: Any, key: str) -> Any:
         except ConfigError:
             continue
     raise _type_error(hint, value, key)
+
+
+def _convert_choice(choices: tuple, value: Any, key: str) -> Any:
+    # Type and value both: True == 1 must not pass for a choice of ints, nor 1 for a bool.
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        options = ", ".join(repr(choice) for choice in choices)
+        raise ConfigError(f"{key}={quote(value)} is not allowed; use one of {options}")
+    return value
 
 
 def _convert_tuple(hint: Any, args: tuple, value: Any, key: str) -> tuple:

@@ -10,7 +10,9 @@ own rows), weight, reduce once.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -18,17 +20,31 @@ from torch import Tensor
 from dopd.errors import ConfigError, require_choice, require_int, require_range
 from dopd.objectives.divergences import (
     DIVERGENCES,
+    Divergence,
     divergence_beta,
     generalized_jsd,
     sampled_token_surrogate,
 )
-from dopd.objectives.reduction import REDUCTIONS, reduce_loss
+from dopd.objectives.reduction import REDUCTIONS, Reduction, reduce_loss
 from dopd.objectives.statistics import Thresholds
-from dopd.objectives.support import SUPPORT_SOURCES, restrict_to_support, topk_support
-from dopd.objectives.views import TokenViews, check_token_classes
+from dopd.objectives.support import (
+    SUPPORT_SOURCES,
+    SupportSource,
+    restrict_to_support,
+    topk_support,
+)
+from dopd.objectives.views import TokenViews, ViewName, check_token_classes
 
-GRANULARITIES = ("sampled", "topk", "full")
-TARGETS = ("teacher", "priv_student", "extrapolated")
+Granularity = Literal["sampled", "topk", "full"]
+GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
+Target = Literal["teacher", "priv_student", "extrapolated"]
+TARGETS: tuple[Target, ...] = get_args(Target)
+# The views each target reads: the extrapolated target mixes the teacher and the reference.
+TARGET_VIEWS: dict[Target, tuple[ViewName, ...]] = {
+    "teacher": ("teacher",),
+    "priv_student": ("priv_student",),
+    "extrapolated": ("teacher", "reference"),
+}
 
 # An objective's step-level thresholds: DOPD's ``Thresholds``, named 0-d tensors for the zoo
 # objectives that route on a batch quantile, or None for objectives that route on none.
@@ -48,9 +64,9 @@ class ObjectiveOptions:
     """
 
     top_k: int = 128
-    topk_support: str = "student"
+    topk_support: SupportSource = "student"
     topk_tail: bool = False
-    reduction: str = "sequence_mean"
+    reduction: Reduction = "sequence_mean"
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
@@ -72,9 +88,9 @@ class Term:
         weight: multiplies the term.
     """
 
-    target: str
-    divergence: str
-    granularity: str
+    target: Target
+    divergence: Divergence
+    granularity: Granularity
     weight: float = 1.0
     jsd_beta: float = 0.5
 
@@ -109,22 +125,40 @@ class ObjectiveOutput:
 class Objective:
     """Base class: one group, no statistics. Subclasses override what they route on.
 
-    Class attributes say which views the trainer must produce: ``uses_teacher``,
-    ``uses_priv_student``, ``uses_reference``, and the views ``statistics`` reads
-    (``statistics_views``), so that a trainer can fix step thresholds before any loss. An
-    objective that routes on the tokens' true classes (a control on a synthetic task) names them
-    in ``token_class_names``; the caller then passes every token's class as an index into it
+    The views a trainer must produce follow from the objective itself (``constant_views``): its
+    terms' targets (``routes``) and the views ``statistics`` reads (``statistics_views``, which a
+    trainer scores first, to fix the step's thresholds before any loss). An objective that
+    routes on the tokens' true classes (a control on a synthetic task) names them in
+    ``token_class_names``; the caller then passes every token's class as an index into it
     (``TokenViews.token_classes``).
     """
 
     group_names: tuple[str, ...] = ("all",)
-    statistics_views: tuple[str, ...] = ()
-    uses_teacher = True
-    uses_priv_student = False
-    uses_reference = False
+    statistics_views: tuple[ViewName, ...] = ()
 
     def __init__(self, config: ObjectiveOptions):
         self.config = config
+
+    @functools.cached_property
+    def constant_views(self) -> frozenset[ViewName]:
+        """The views besides the student that the objective reads, scored without gradient: its
+        terms' targets (``TARGET_VIEWS``) and its statistics' views."""
+        targets = {
+            view for terms in self.routes() for t in terms for view in TARGET_VIEWS[t.target]
+        }
+        return frozenset({*targets, *self.statistics_views} - {"student"})
+
+    @property
+    def uses_teacher(self) -> bool:
+        return "teacher" in self.constant_views
+
+    @property
+    def uses_priv_student(self) -> bool:
+        return "priv_student" in self.constant_views
+
+    @property
+    def uses_reference(self) -> bool:
+        return "reference" in self.constant_views
 
     @property
     def token_class_names(self) -> tuple[str, ...]:
@@ -326,13 +360,8 @@ def objective_loss(
         "teacher": teacher_logits,
         "reference": reference_logits,
     }
-    needed = {
-        "priv_student": objective.uses_priv_student,
-        "teacher": objective.uses_teacher,
-        "reference": objective.uses_reference,
-    }
-    for name, used in needed.items():
-        if used and logits[name] is None:
+    for name in sorted(objective.constant_views):
+        if logits[name] is None:
             raise ValueError(f"objective {type(objective).__name__} needs {name}_logits; got None")
     _check_inputs(logits, completion_ids, completion_mask)
     mask = completion_mask.bool()

@@ -161,12 +161,7 @@ def chunked_objective_loss(
 
 def _loss_views(objective: Objective) -> set[ViewName]:
     """The views the loss pass reads: the student, the terms' targets, the statistics' views."""
-    used = {
-        "priv_student": objective.uses_priv_student,
-        "teacher": objective.uses_teacher,
-        "reference": objective.uses_reference,
-    }
-    return {"student", *objective.statistics_views, *(name for name, flag in used.items() if flag)}
+    return {"student", *objective.constant_views}
 
 
 def _projected(

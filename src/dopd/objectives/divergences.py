@@ -19,6 +19,7 @@ Two granularities are written here:
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -31,11 +32,13 @@ LOG_FLOOR = -1.0e4
 # Cap of log(Q(y) / S(y)) in the forward-KL surrogate; on-policy samples never reach it.
 MAX_LOG_IMPORTANCE = 50.0
 
-DIVERGENCE_BETA = {"forward_kl": 0.0, "js": 0.5, "reverse_kl": 1.0}
-DIVERGENCES = (*DIVERGENCE_BETA, "gjsd")
+Divergence = Literal["forward_kl", "js", "reverse_kl", "gjsd"]
+DIVERGENCES: tuple[Divergence, ...] = get_args(Divergence)
+# The JSD_beta member each named divergence is; ``gjsd`` takes its beta as an option.
+DIVERGENCE_BETA: dict[Divergence, float] = {"forward_kl": 0.0, "js": 0.5, "reverse_kl": 1.0}
 
 
-def divergence_beta(divergence: str, jsd_beta: float = 0.5) -> float:
+def divergence_beta(divergence: Divergence, jsd_beta: float = 0.5) -> float:
     """The JSD_beta member a divergence name denotes (``gjsd`` takes ``jsd_beta``)."""
     return jsd_beta if divergence == "gjsd" else DIVERGENCE_BETA[divergence]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from torch import Tensor
 from dopd.errors import ConfigError, require_choice, require_range
 from dopd.objectives.base import (
     GRANULARITIES,
+    Granularity,
     Objective,
     ObjectiveOptions,
     ObjectiveOutput,
@@ -29,12 +30,13 @@ from dopd.objectives.base import (
     check_subset,
     objective_loss,
 )
-from dopd.objectives.divergences import DIVERGENCE_BETA
+from dopd.objectives.divergences import DIVERGENCE_BETA, Divergence
 from dopd.objectives.routing import REGIMES, assign_regimes, oracle_regimes, shuffle_regimes
 from dopd.objectives.statistics import Thresholds, compute_thresholds, privilege_statistics
 from dopd.objectives.views import TokenViews
 
-ROUTINGS = ("gap", "shuffled", "oracle")
+Routing = Literal["gap", "shuffled", "oracle"]
+ROUTINGS: tuple[Routing, ...] = get_args(Routing)
 
 # DOPD's own reading of which regime each kind of token belongs to (docs/method.md §3): a
 # capability gap is HT; information the student can learn, or tokens forced by what came before,
@@ -75,9 +77,9 @@ class DOPDConfig(ObjectiveOptions):
     beta_deep: float = 1.0
     trim_quantile: float = 0.95
     regimes: tuple[str, ...] = REGIMES
-    fixed_divergence: str | None = None
-    fixed_granularity: str | None = None
-    routing: str = "gap"
+    fixed_divergence: Divergence | None = None
+    fixed_granularity: Granularity | None = None
+    routing: Routing = "gap"
     oracle_regimes: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ORACLE_REGIMES))
 
     def __post_init__(self) -> None:
@@ -135,7 +137,6 @@ class DOPD(Objective):
 
     group_names = REGIMES
     statistics_views = ("priv_student", "teacher")
-    uses_priv_student = True
 
     def __init__(self, config: DOPDConfig):
         super().__init__(config)

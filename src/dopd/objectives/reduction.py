@@ -11,10 +11,13 @@ full-batch loss exactly, however the batch is split.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("sequence_mean", "token_mean")
+Reduction = Literal["sequence_mean", "token_mean"]
+REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
 
 
 def loss_denominator(mask: Tensor, reduction: str) -> Tensor:

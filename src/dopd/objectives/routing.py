@@ -12,12 +12,15 @@ off its true class (a synthetic task that knows why each token is hard).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
 from dopd.objectives.statistics import Thresholds
 
-REGIMES = ("LH", "LL", "HT", "HS")
+Regime = Literal["LH", "LL", "HT", "HS"]
+REGIMES: tuple[Regime, ...] = get_args(Regime)
 LH, LL, HT, HS = range(4)
 
 

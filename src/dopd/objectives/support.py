@@ -8,10 +8,13 @@ mass instead of renormalising over the support.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
-SUPPORT_SOURCES = ("student", "teacher", "union")
+SupportSource = Literal["student", "teacher", "union"]
+SUPPORT_SOURCES: tuple[SupportSource, ...] = get_args(SupportSource)
 
 
 def topk_support(

@@ -10,14 +10,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from dopd.errors import require_choice, require_range
 from dopd.hashing import hash_uniform
-from dopd.objectives.base import GRANULARITIES, Objective, ObjectiveOptions, Term, check_subset
-from dopd.objectives.divergences import DIVERGENCES, LOG_FLOOR
+from dopd.objectives.base import (
+    GRANULARITIES,
+    Granularity,
+    Objective,
+    ObjectiveOptions,
+    Term,
+    check_subset,
+)
+from dopd.objectives.divergences import DIVERGENCES, LOG_FLOOR, Divergence
+from dopd.objectives.support import SupportSource
 from dopd.objectives.views import TokenViews
 
 
@@ -32,9 +41,9 @@ class UniformConfig(ObjectiveOptions):
         jsd_beta: the beta of ``gjsd`` (GKD's JSD_beta; 0 forward KL, 1 reverse KL).
     """
 
-    target: str = "teacher"
-    divergence: str = "reverse_kl"
-    granularity: str = "topk"
+    target: Literal["teacher", "priv_student"] = "teacher"
+    divergence: Divergence = "reverse_kl"
+    granularity: Granularity = "topk"
     jsd_beta: float = 0.5
 
     def __post_init__(self) -> None:
@@ -50,8 +59,6 @@ class Uniform(Objective):
 
     def __init__(self, config: UniformConfig):
         super().__init__(config)
-        self.uses_teacher = config.target == "teacher"
-        self.uses_priv_student = config.target == "priv_student"
 
     def routes(self) -> tuple[tuple[Term, ...], ...]:
         c = self.config
@@ -69,7 +76,7 @@ class EOPDConfig(ObjectiveOptions):
     """
 
     top_k: int = 16
-    topk_support: str = "teacher"
+    topk_support: SupportSource = "teacher"
     entropy_threshold: float = 0.8
     forward_weight: float = 1.0
 
@@ -120,8 +127,8 @@ class TIPConfig(ObjectiveOptions):
         "high_entropy_low_gap",
         "high_entropy_high_gap",
     )
-    divergence: str = "reverse_kl"
-    granularity: str = "sampled"
+    divergence: Divergence = "reverse_kl"
+    granularity: Granularity = "sampled"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -184,7 +191,7 @@ class ExOPDConfig(ObjectiveOptions):
     """
 
     extrapolation: float = 1.25
-    granularity: str = "sampled"
+    granularity: Granularity = "sampled"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -194,8 +201,6 @@ class ExOPDConfig(ObjectiveOptions):
 
 class ExOPD(Objective):
     """Reverse KL to the extrapolated teacher/reference target."""
-
-    uses_reference = True
 
     def routes(self) -> tuple[tuple[Term, ...], ...]:
         return ((Term("extrapolated", "reverse_kl", self.config.granularity, 1.0),),)
@@ -209,7 +214,8 @@ class ExOPD(Objective):
         return lam * teacher_logp + (1.0 - lam) * reference_logp  # [M, V], unnormalised
 
 
-PRUNE_RULES = ("high_gap", "low_gap", "random")
+PruneRule = Literal["high_gap", "low_gap", "random"]
+PRUNE_RULES: tuple[PruneRule, ...] = get_args(PruneRule)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,7 +229,7 @@ class PrunedConfig(UniformConfig):
         prune_fraction: share of the step's tokens dropped; they still count in the denominator.
     """
 
-    prune: str = "high_gap"
+    prune: PruneRule = "high_gap"
     prune_fraction: float = 0.2
 
     def __post_init__(self) -> None:
@@ -237,11 +243,9 @@ class Pruned(Uniform):
 
     group_names = ("kept", "dropped")
     statistics_views = ("priv_student", "teacher")
-    uses_priv_student = True
 
     def __init__(self, config: PrunedConfig):
         super().__init__(config)
-        self.uses_priv_student = True
 
     def routes(self) -> tuple[tuple[Term, ...], ...]:
         return (super().routes()[0], ())

@@ -81,6 +81,44 @@ class HashGumbelSampler(LogitsProcessor):
         return scores.log_softmax(-1) + gumbel.to(scores.dtype)
 
 
+def rollout_logits_processors(
+    prompt_length: int,
+    *,
+    row_seeds: Tensor | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    vocab_size: int | None = None,
+) -> LogitsProcessorList:
+    """The logits processors ``generate_rollouts`` hands to ``generate``, in the order they run.
+
+    Each processor maps ``(input_ids [B, L], scores [B, V_model]) -> scores [B, V_model]``, where
+    ``L`` is ``prompt_length`` plus the tokens generated so far. The chain is: ``VocabularyMask``
+    (only with ``vocab_size``), then, when sampling (``row_seeds`` given), temperature (unless
+    1.0), top-k (unless 0), top-p (unless 1.0) and last ``HashGumbelSampler``, whose argmax (what
+    greedy ``generate`` takes) is a sample from the softmax of the warped scores. Without
+    ``row_seeds`` only the mask remains, and the argmax is greedy decoding.
+
+    Args:
+        prompt_length: padded prompt length ``L_prompt`` of the batch, the position origin of
+            the sampler's hash keys.
+        row_seeds: ``[B]`` int64 from ``rollout_seeds``; None decodes greedily.
+        vocab_size: the run's common vocabulary; ids ``>= vocab_size`` are masked first.
+    """
+    processors = LogitsProcessorList()
+    if vocab_size is not None:
+        processors.append(VocabularyMask(vocab_size))
+    if row_seeds is not None:
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k > 0:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(HashGumbelSampler(row_seeds, prompt_length))
+    return processors
+
+
 @dataclass
 class Rollouts:
     """Completions of one batch of prompts.
@@ -128,17 +166,14 @@ def generate_rollouts(
     device = next(model.parameters()).device
     repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
     input_ids, attention_mask = left_pad(repeated, pad_token_id, device)
-    processors = LogitsProcessorList()
-    if vocab_size is not None:
-        processors.append(VocabularyMask(vocab_size))
-    if row_seeds is not None:
-        if temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(temperature))
-        if top_k > 0:
-            processors.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
-        processors.append(HashGumbelSampler(row_seeds, input_ids.shape[1]))
+    processors = rollout_logits_processors(
+        input_ids.shape[1],
+        row_seeds=row_seeds,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        vocab_size=vocab_size,
+    )
     config = GenerationConfig(
         max_new_tokens=max_completion_length,
         do_sample=False,
