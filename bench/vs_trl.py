@@ -17,7 +17,8 @@ step in turn, interleaved round by round so that load on a shared machine hits a
 Identical random-init Qwen3 student and teacher (``dopd.modeling.tiny``, same seeds), the same
 prompts per step (dopd's prompt schedule, each prompt repeated ``--generations`` times for TRL,
 which samples one completion per row), the same micro-batch and accumulation, AdamW with the
-same cosine schedule, float32 on CPU, sampling at temperature 1 up to ``--length`` tokens with the same EOS.
+same cosine schedule, float32 on CPU, sampling at temperature 1 up to ``--length`` tokens with
+the same EOS.
 The two samplers draw different completions, so the tokens per step are reported next to the
 times. Wall and process CPU time are both recorded (``--threads 1`` by default: CPU time then
 measures work even on a loaded machine). ``ours_over_trl`` is the median step time of

@@ -39,3 +39,75 @@ def test_setup_uses_only_the_project_venv_and_the_lock():
     assert len(pip_lines) > 1 and all(line.startswith('"${pip[@]}" ') for line in pip_lines[1:])
     # Every install is constrained by the lock.
     assert all('install -c "$lock"' in line for line in pip_lines[1:])
+
+
+# The package's floors, bottom to top (docs/architecture.md): a module imports only from its own
+# floor or below.
+FLOORS = {
+    "errors": 0,
+    "hashing": 0,
+    "objectives": 1,
+    "io": 1,
+    "modeling": 2,
+    "viz": 2,
+    "config": 3,
+    "training": 4,
+    "lab": 5,
+    "cli": 6,
+}
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Module name (``dopd.x.y``) -> the dopd modules it imports anywhere in its source."""
+    import ast
+
+    imports = {}
+    for path in (ROOT / "src" / "dopd").rglob("*.py"):
+        parts = path.relative_to(ROOT / "src").with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dopd"):
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names if alias.name.startswith("dopd"))
+        imports[name] = found
+    return imports
+
+
+def floor(module: str) -> int | None:
+    parts = module.split(".")
+    return FLOORS.get(parts[1]) if len(parts) > 1 else None
+
+
+def test_no_import_runs_up_a_floor():
+    imports = package_imports()
+    assert {module.split(".")[1] for module in imports if "." in module} == set(FLOORS)
+    upward = [
+        f"{module} -> {target}"
+        for module, targets in imports.items()
+        for target in targets
+        if floor(module) is not None and floor(target) is not None and floor(target) > floor(module)
+    ]
+    assert upward == []
+
+
+def test_no_import_circle():
+    imports = package_imports()
+    modules = set(imports)
+    graph = {m: {t for t in targets if t in modules and t != m} for m, targets in imports.items()}
+    # A package's __init__ may name its own modules; the modules never import it back here.
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in graph[module]:
+            if state.get(target) == 1:
+                raise AssertionError(" -> ".join([*path, module, target]))
+            if target not in state:
+                visit(target, [*path, module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])

@@ -50,6 +50,47 @@ def test_every_entry_runs_without_the_views_it_does_not_use(name):
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_constant_views_are_exactly_the_views_the_loss_reads(name):
+    """Each view outside ``constant_views`` can change without changing the loss; each view in
+    it is refused when missing."""
+    batch = random_batch(2, 4, 9, seed=13)
+    objective = build_objective(name)
+    classes = (
+        cyclic_classes(batch.mask, len(objective.token_class_names))
+        if objective.uses_token_classes
+        else None
+    )
+    views = {
+        "priv_student": batch.priv_student,
+        "teacher": batch.teacher,
+        "reference": batch.reference,
+    }
+
+    def loss(**replaced):
+        given = {**views, **replaced}
+        torch.manual_seed(0)  # shuffled routing deals its labels from the global generator
+        return objective_loss(
+            objective,
+            batch.student,
+            given["priv_student"],
+            given["teacher"],
+            batch.ids,
+            batch.mask,
+            reference_logits=given["reference"],
+            token_classes=classes,
+        ).loss
+
+    expected = loss()
+    for view in views:
+        if view in objective.constant_views:
+            with pytest.raises(ValueError, match=f"needs {view}_logits"):
+                loss(**{view: None})
+        else:
+            other = random_batch(2, 4, 9, seed=99)
+            assert torch.equal(loss(**{view: getattr(other, view)}), expected), view
+
+
 def test_entries_declare_their_views():
     for spec in OBJECTIVES.values():
         assert spec.teacher_view in ("privileged", "plain") and spec.priv_student_view in (

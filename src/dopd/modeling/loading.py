@@ -258,7 +258,7 @@ def check_sources(config) -> PreTrainedTokenizerBase:
 def used_models(config) -> dict[str, Any]:
     """The model specs a run loads, by config key: student, teacher and reference if used."""
     specs = {"student": config.student}
-    if config.objective.spec.objective_class.uses_teacher:
+    if config.objective.build().uses_teacher:
         specs["teacher"] = config.teacher
     if config.reference is not None:
         specs["reference"] = config.reference
