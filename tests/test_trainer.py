@@ -49,7 +49,7 @@ def step_rollouts(trainer: Trainer, step: int = 0):
     rows = local[rollouts.prompt_index].tolist()
     prompts = {
         name: [trainer.prompts[kind][i] for i in rows]
-        for name, kind in trainer.views.items()
+        for name, kind in trainer.prompt_kinds.items()
         if name == "student" or name in trainer.models
     }
     return rollouts, prompts

@@ -71,7 +71,7 @@ def trainer_rollouts(trainer: Trainer, vocab_size: int | None):
     rows = local[rollouts.prompt_index].tolist()
     kinds = {
         name: kind
-        for name, kind in trainer.views.items()
+        for name, kind in trainer.prompt_kinds.items()
         if name == "student" or name in trainer.models
     }
     return rollouts, {

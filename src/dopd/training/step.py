@@ -258,8 +258,9 @@ class _BatchLoss:
     entropy: Tensor
 
 
-class _ReferencePath:
-    """Every view as ``[b, T, V]`` logits, the loss by ``objective_loss``."""
+class _LossPath:
+    """What both loss paths keep: the objective, the student, the constant-view models, the
+    chunk rows and the common vocabulary."""
 
     def __init__(
         self,
@@ -269,12 +270,12 @@ class _ReferencePath:
         chunk_rows: int,
         vocab_size: int | None,
     ):
-        self.objective, self.student, self.models, self.vocab_size = (
-            objective,
-            student,
-            models,
-            vocab_size,
-        )
+        self.objective, self.student, self.models = objective, student, models
+        self.chunk_rows, self.vocab_size = chunk_rows, vocab_size
+
+
+class _ReferencePath(_LossPath):
+    """Every view as ``[b, T, V]`` logits, the loss by ``objective_loss``."""
 
     def score(self, batch: MicroBatch) -> dict[str, Tensor]:
         return score_constant_views(self.models, batch, self.vocab_size)
@@ -327,20 +328,9 @@ class _ReferencePath:
         )
 
 
-class _ChunkedPath:
+class _ChunkedPath(_LossPath):
     """Every view as final hidden states ``[N, H]`` at the valid tokens plus its head weight; the
     statistics and the loss project them ``chunk_rows`` rows at a time."""
-
-    def __init__(
-        self,
-        objective: Objective,
-        student: torch.nn.Module,
-        models: dict[str, torch.nn.Module],
-        chunk_rows: int,
-        vocab_size: int | None,
-    ):
-        self.objective, self.student, self.models = objective, student, models
-        self.chunk_rows, self.vocab_size = chunk_rows, vocab_size
 
     @torch.no_grad()
     def score(self, batch: MicroBatch) -> dict[ViewName, ViewHead]:

@@ -21,11 +21,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from dopd.config import TrainConfig, save_config
+from dopd.config import PromptView, TrainConfig, save_config
 from dopd.errors import ConfigError, DOPDError
 from dopd.io.atomic import replacing, write_text_atomically
 from dopd.io.data import load_examples, tokenize_views
 from dopd.modeling.loading import check_sources, common_vocabulary, load_model, output_size
+from dopd.objectives.views import ViewName
 from dopd.training.checkpoint import (
     TrainingState,
     load_latest_checkpoint,
@@ -105,7 +106,8 @@ class Trainer:
                 "one class name per completion token (e.g. a lab task's token_roles)"
             )
         self.token_roles = token_roles
-        self.views = {
+        # Which prompt each view reads: "plain" or "privileged".
+        self.prompt_kinds: dict[ViewName, PromptView] = {
             "student": config.views.student_input,
             "priv_student": config.views.priv_student or self.spec.priv_student_view,
             "teacher": config.views.teacher or self.spec.teacher_view,
@@ -300,7 +302,7 @@ class Trainer:
         rows = local[rollouts.prompt_index.cpu()].tolist()
         view_prompts = {
             name: [self.prompts[kind][i] for i in rows]
-            for name, kind in self.views.items()
+            for name, kind in self.prompt_kinds.items()
             if name == "student" or name in self.models
         }
         classes = None
