@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dopd.errors import ConfigError
-from dopd.objectives.base import objective_loss
+from dopd.objectives.base import GRANULARITIES, TERM_KERNELS, objective_loss
 from dopd.objectives.registry import OBJECTIVES, build_objective, get_spec
 from dopd.objectives.routing import HT, LH, REGIMES
 from tests.objectives import reference, tokenwise
@@ -218,3 +218,7 @@ def test_unknown_objective_key_suggests_the_closest():
 def test_bad_override_values_raise_config_error_naming_the_key(name, overrides, key):
     with pytest.raises(ConfigError, match=key):
         build_objective(name, **overrides)
+
+
+def test_every_granularity_has_one_kernel():
+    assert tuple(TERM_KERNELS) == GRANULARITIES

@@ -11,6 +11,7 @@ own rows), weight, reduce once.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -205,23 +206,43 @@ class Objective:
         return {}
 
 
-def term_values(objective: Objective, term: Term, views: TokenViews, rows: Tensor) -> Tensor:
-    """``[M]`` unweighted values of ``term`` at ``rows`` ``[M]``."""
-    student = views.logits["student"][rows]  # [M, V]
-    target = objective.target_logits(term.target, views, rows)  # [M, V]
-    beta = divergence_beta(term.divergence, term.jsd_beta)
-    if term.granularity == "sampled":
-        ids = views.token_ids[rows].unsqueeze(-1)
-        student_logp_y = student.log_softmax(-1).gather(-1, ids).squeeze(-1)
-        target_logp_y = target.log_softmax(-1).gather(-1, ids).squeeze(-1)
-        return sampled_token_surrogate(student_logp_y, target_logp_y, beta)
-    if term.granularity == "full":
-        return generalized_jsd(student.log_softmax(-1), target.log_softmax(-1), beta)
+def _sampled_term(objective, student, target, ids, beta) -> Tensor:
+    """The policy-gradient surrogate at the sampled token only."""
+    student_logp_y = student.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    target_logp_y = target.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return sampled_token_surrogate(student_logp_y, target_logp_y, beta)
+
+
+def _topk_term(objective, student, target, ids, beta) -> Tensor:
+    """The divergence on the top-K support (``ObjectiveOptions.topk_support``)."""
     options = objective.config
     index, valid = topk_support(student, target, options.top_k, options.topk_support)
     student_logp = restrict_to_support(student, index, valid, options.topk_tail)
     target_logp = restrict_to_support(target, index, valid, options.topk_tail)
     return generalized_jsd(student_logp, target_logp, beta)
+
+
+def _full_term(objective, student, target, ids, beta) -> Tensor:
+    """The divergence over the whole vocabulary."""
+    return generalized_jsd(student.log_softmax(-1), target.log_softmax(-1), beta)
+
+
+# One kernel per granularity, each ``(objective, student [M, V], target [M, V], ids [M], beta)``
+# -> ``[M]``.
+TERM_KERNELS: dict[Granularity, Callable[..., Tensor]] = {
+    "sampled": _sampled_term,
+    "topk": _topk_term,
+    "full": _full_term,
+}
+
+
+def term_values(objective: Objective, term: Term, views: TokenViews, rows: Tensor) -> Tensor:
+    """``[M]`` unweighted values of ``term`` at ``rows`` ``[M]``."""
+    student = views.logits["student"][rows]  # [M, V]
+    target = objective.target_logits(term.target, views, rows)  # [M, V]
+    beta = divergence_beta(term.divergence, term.jsd_beta)
+    kernel = TERM_KERNELS[term.granularity]
+    return kernel(objective, student, target, views.token_ids[rows], beta)
 
 
 @dataclass
