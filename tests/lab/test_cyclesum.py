@@ -14,6 +14,7 @@ from dopd.lab.cyclesum import CycleSum, parse
 from dopd.lab.supervised import collate
 from dopd.lab.task import split_of
 from dopd.modeling.tiny import build_char_tokenizer
+from tests.lab.roles import LAB_TOKEN_ROLES
 
 TASK = CycleSum()
 
@@ -97,15 +98,7 @@ def test_token_roles_and_verdicts_label_every_token(tokens):
     roles = TASK.token_roles(tokens)
     verdicts = TASK.token_verdicts(tokens, "M7:4>4,0>4,7>1,1>2,2>4")
     assert len(roles) == len(verdicts) == len(tokens)
-    allowed = {
-        "format",
-        "learnable_info",
-        "unavailable_info",
-        "order_forced",
-        "capability",
-        "skill",
-    }
-    assert set(roles) <= allowed
+    assert set(roles) <= LAB_TOKEN_ROLES
 
 
 def test_student_curriculum_masks_exactly_the_carried_sums():

@@ -15,6 +15,7 @@ from dopd.lab.shiftmap import ALPHABET, ShiftMap, parse
 from dopd.lab.supervised import collate
 from dopd.lab.task import split_of
 from dopd.modeling.tiny import build_char_tokenizer
+from tests.lab.roles import LAB_TOKEN_ROLES
 
 TASK = ShiftMap()
 
@@ -112,15 +113,7 @@ def test_token_roles_by_hand():
 def test_token_roles_label_every_token_of_any_completion(tokens):
     roles = TASK.token_roles(tokens)
     assert len(roles) == len(tokens)
-    allowed = {
-        "format",
-        "learnable_info",
-        "unavailable_info",
-        "order_forced",
-        "capability",
-        "skill",
-    }
-    assert set(roles) <= allowed
+    assert set(roles) <= LAB_TOKEN_ROLES
 
 
 @settings(max_examples=30, deadline=None)
