@@ -123,6 +123,12 @@ def chunked_objective_loss(
     Returns:
         ``ChunkedOutput``; the loss is ``sum(row_weights * per_token_loss)``.
     """
+    student = heads.get("student")
+    if student is not None:
+        # Cast once, differentiably: the loss's gradient reaches the student through this
+        # projection, and the detached copy below then costs no second [V, d] cast.
+        student = ViewHead(*student.projection(), student.head_dtype)
+        heads = {**heads, "student": student}
     projected = _projected(objective, heads, token_ids, chunk_rows, _loss_views(objective))
     if row_weights.shape != token_ids.shape:
         raise ValueError(
@@ -140,8 +146,7 @@ def chunked_objective_loss(
         token_classes = None
     if thresholds is None and objective.uses_thresholds:
         thresholds = objective.thresholds(_statistics(objective, projected, token_ids, chunk_rows))
-    # The student's projection, differentiable: the loss's gradient reaches the student through it.
-    student_hidden, student_weight = heads["student"].projection()
+    student_hidden, student_weight = student.hidden, student.weight
     gradients = None
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad):
         gradients = _Gradients(
@@ -188,7 +193,7 @@ def _projected(
             )
         _check_head(name, heads[name], token_ids)
         hidden, weight = heads[name].projection()
-        projected[name] = ViewHead(hidden.detach(), weight.detach(), heads[name].compute_dtype)
+        projected[name] = ViewHead(hidden.detach(), weight.detach(), heads[name].head_dtype)
     first = next(iter(projected), None)
     for name, head in projected.items():
         if head.weight.shape[0] != projected[first].weight.shape[0]:

@@ -46,7 +46,7 @@ class ViewHead:
     dtype: torch.dtype | None = None
 
     @property
-    def compute_dtype(self) -> torch.dtype:
+    def head_dtype(self) -> torch.dtype:
         """``dtype``, or the promotion of the hidden states' and the weight's dtypes."""
         return self.dtype or torch.promote_types(self.hidden.dtype, self.weight.dtype)
 
@@ -55,15 +55,15 @@ class ViewHead:
         return ViewHead(self.hidden[mask], self.weight, self.dtype)
 
     def projection(self) -> tuple[Tensor, Tensor]:
-        """``hidden`` and ``weight`` cast (differentiably) to the compute dtype: their product is
+        """``hidden`` and ``weight`` cast (differentiably) to ``head_dtype``: their product is
         what the model's head computes, e.g. a bf16 matmul under bf16 autocast."""
-        dtype = self.compute_dtype
+        dtype = self.head_dtype
         return self.hidden.to(dtype), self.weight.to(dtype)
 
     def logits(self, rows: slice) -> Tensor:
         """``[C, V]`` logits of ``rows`` of ``[N, H]`` hidden states, as the model's head computes
         them."""
-        dtype = self.compute_dtype
+        dtype = self.head_dtype
         return self.hidden[rows].to(dtype) @ self.weight.to(dtype).T
 
 
