@@ -10,8 +10,10 @@ docs/reliability.md counts.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -230,6 +232,27 @@ CONFIG_CASES = {
     "override without key": (["=5"], ["override '=5' is not key=value"]),
     "override bad YAML": (["optim.betas=[0.9"], ["override optim.betas:1: invalid YAML"]),
     "override into a scalar": (["seed.value=1"], ["override seed.value: seed=0 is not a section"]),
+    "unknown rollout backend": (
+        ["rollout.backend=sglang"],
+        ["rollout.backend='sglang'", "'hf'", "'vllm'"],
+    ),
+    "unknown vllm mode": (["rollout.vllm_mode=remote"], ["rollout.vllm_mode='remote'", "'server'"]),
+    "tensor parallel colocated": (
+        ["rollout.backend=vllm", "rollout.vllm_tensor_parallel_size=2"],
+        ["vllm_tensor_parallel_size=2", "vllm_mode=server"],
+    ),
+    "memory fraction > 1": (
+        ["rollout.vllm_gpu_memory_utilization=1.5"],
+        ["rollout.vllm_gpu_memory_utilization=1.5"],
+    ),
+    "importance correction without sampled terms": (
+        ["objective.importance_correction=truncated"],
+        ["importance_correction='truncated'", "dopd"],
+    ),
+    "importance cap < 1": (
+        ["objective.name=vanilla_opd", "objective.importance_cap=0.5"],
+        ["objective.importance_cap=0.5"],
+    ),
     "eval without data": (
         ["data.eval=null", "loop.eval_every=5"],
         ["loop.eval_every=5", "data.eval"],
@@ -263,6 +286,32 @@ CONFIG_FILES = {
         ["optim.max_step", "did you mean optim.max_steps?"],
     ),
 }
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_vllm_colocate_without_vllm_is_one_line_naming_the_setup(tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    refused(
+        *train(capsys, output_dir, "rollout.backend=vllm"),
+        output_dir,
+        "rollout.backend='vllm': vLLM is not importable",
+        "bash scripts/setup.sh --vllm",
+    )
+
+
+def test_vllm_server_mode_without_a_server_is_one_line(tmp_path, capsys):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output_dir = tmp_path / "run"
+    overrides = ("rollout.backend=vllm", "rollout.vllm_mode=server")
+    overrides += (f"rollout.vllm_server_port={port}", "rollout.vllm_server_timeout=0.5")
+    refused(
+        *train(capsys, output_dir, *overrides),
+        output_dir,
+        f"no vLLM server answered at http://127.0.0.1:{port} within 0.5 s",
+        "dopd vllm-serve",
+    )
 
 
 @pytest.mark.parametrize("case", CONFIG_FILES, ids=list(CONFIG_FILES))

@@ -1,4 +1,4 @@
-"""Tests of dopd.training.rollout (hash uniforms, exact Gumbel-max sampling, batch-invariant
+"""Tests of dopd.training.rollout (hash uniforms, exact inverse-CDF sampling, batch-invariant
 rollouts, token classes) and of
 dopd.training.trainer.PromptSampler (the per-step prompt schedule)."""
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from dopd.errors import ConfigError, DOPDError
 from dopd.training import rollout as rollout_module
 from dopd.training.rollout import (
-    HashGumbelSampler,
+    HashInverseCDFSampler,
     Rollouts,
     completion_token_classes,
     generate_rollouts,
@@ -86,8 +86,9 @@ def test_hash_uniform_is_strictly_below_one_for_the_largest_hash():
     key = x - (1 << 64) if x > INT64_MAX else x
     value = hash_uniform(torch.tensor([key])).item()
     assert 0.0 < value < 1.0
-    # -log(-log(u)) must stay finite, or that vocabulary entry wins every Gumbel-max draw.
-    assert math.isfinite(-math.log(-math.log(value)))
+    # u < 1 keeps u * total below the total mass, so inverse-CDF sampling stays inside the
+    # support; log(u) finite keeps u > 0 too.
+    assert math.isfinite(math.log(value)) and value < 1.0
 
 
 @settings(max_examples=25, deadline=None)
@@ -141,7 +142,7 @@ def test_hash_uniform_is_uniform(structured):
     assert_frequencies_match((values * bins).astype(np.int64), np.full(bins, 1.0 / bins))
 
 
-# -- HashGumbelSampler: exact sampling -----------------------------------------------------------
+# -- HashInverseCDFSampler: exact sampling ----------------------------------------------------
 
 SCORES = torch.tensor([1.2, -0.3, 0.5, 2.0, -1.5, 0.9])  # [V] toy logits, no ties
 ROWS = 100_000
@@ -178,7 +179,7 @@ def reference_distribution(
     return probabilities
 
 
-def test_hash_gumbel_argmax_samples_the_softmax():
+def test_hash_sampler_argmax_samples_the_softmax():
     row_seeds = torch.arange(ROWS, dtype=torch.long)
     samples = sample_argmax(0, row_seeds)
     assert_frequencies_match(samples, reference_distribution())
@@ -188,7 +189,7 @@ def test_hash_gumbel_argmax_samples_the_softmax():
     ("temperature", "top_k", "top_p"),
     [(0.7, 0, 1.0), (1.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8), (0.8, 4, 0.7)],
 )
-def test_hash_gumbel_after_warpers_samples_the_warped_distribution(temperature, top_k, top_p):
+def test_hash_sampler_after_warpers_samples_the_warped_distribution(temperature, top_k, top_p):
     row_seeds = rollout_seeds(11, 3, torch.arange(ROWS // 4), 4)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     samples = sample_argmax(5, row_seeds, **sampling)
@@ -196,7 +197,7 @@ def test_hash_gumbel_after_warpers_samples_the_warped_distribution(temperature, 
 
 
 @pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (2, 1.0), (0, 0.8)])
-def test_hash_gumbel_after_the_vocabulary_mask_samples_the_common_vocabulary(top_k, top_p):
+def test_hash_sampler_after_the_vocabulary_mask_samples_the_common_vocabulary(top_k, top_p):
     # The mask runs first: with ids >= 3 masked, top-2 and the 0.8 nucleus both keep ids {0, 2};
     # masking after them would keep id 0 alone (the overall top-2 is {3, 0}, the overall
     # nucleus {3, 0, 5}).
@@ -207,19 +208,21 @@ def test_hash_gumbel_after_the_vocabulary_mask_samples_the_common_vocabulary(top
 
 
 def test_rollout_processors_without_seeds_are_greedy_and_mask_only():
-    row_seeds = torch.arange(8, dtype=torch.long)
     input_ids = torch.zeros((8, PROMPT_LENGTH), dtype=torch.long)  # [B, L]
     scores = SCORES.expand(8, -1).clone()  # [B, V]
     greedy = rollout_logits_processors(PROMPT_LENGTH, temperature=0.5, top_k=2, top_p=0.5)
     assert torch.equal(greedy(input_ids, scores.clone()), scores)  # no seeds: the scores as given
     masked = rollout_logits_processors(PROMPT_LENGTH, vocab_size=3)(input_ids, scores.clone())
     assert torch.equal(masked[:, :3], scores[:, :3]) and torch.isneginf(masked[:, 3:]).all()
-    # A mask at the head's own size masks nothing: every id keeps a finite sampling score.
-    sampled = rollout_logits_processors(PROMPT_LENGTH, row_seeds=row_seeds, vocab_size=6)
-    assert sampled(input_ids, scores.clone()).isfinite().all()
+    # A mask at the head's own size masks nothing: every id is drawn somewhere among many rows.
+    many = torch.arange(4000, dtype=torch.long)
+    sampled = rollout_logits_processors(PROMPT_LENGTH, row_seeds=many, vocab_size=6)
+    chain_input = torch.zeros((len(many), PROMPT_LENGTH), dtype=torch.long)
+    drawn = sampled(chain_input, SCORES.expand(len(many), -1).clone()).argmax(-1)
+    assert set(drawn.tolist()) == set(range(6))
 
 
-def test_hash_gumbel_draws_at_different_positions_are_independent():
+def test_hash_sampler_draws_at_different_positions_are_independent():
     row_seeds = torch.arange(ROWS, dtype=torch.long) * 7 + 3
     first = sample_argmax(0, row_seeds)
     second = sample_argmax(1, row_seeds)
@@ -228,12 +231,59 @@ def test_hash_gumbel_draws_at_different_positions_are_independent():
     assert_frequencies_match(first * len(probabilities) + second, joint)
 
 
-def test_hash_gumbel_position_ignores_prompt_padding():
+def test_hash_sampler_position_ignores_prompt_padding():
     row_seeds = torch.arange(8, dtype=torch.long)
     scores = SCORES.expand(8, -1)  # [B, V]
-    short = HashGumbelSampler(row_seeds, 4)(torch.zeros((8, 4 + 2), dtype=torch.long), scores)
-    long = HashGumbelSampler(row_seeds, 9)(torch.zeros((8, 9 + 2), dtype=torch.long), scores)
+    short = HashInverseCDFSampler(row_seeds, 4)(torch.zeros((8, 4 + 2), dtype=torch.long), scores)
+    long = HashInverseCDFSampler(row_seeds, 9)(torch.zeros((8, 9 + 2), dtype=torch.long), scores)
     assert torch.equal(short, long)
+
+
+def test_hash_sampler_two_level_draw_samples_across_blocks():
+    # 389 ids: three whole blocks of 128 and a padded fourth; the mass sits in every block,
+    # at both edges of blocks, with zero-mass ids between.
+    vocab = 389
+    support = torch.tensor([0, 5, 127, 128, 200, 255, 256, 300, 383, 384, 388])
+    probabilities = torch.zeros(vocab, dtype=torch.float64)
+    probabilities[support] = torch.linspace(1.0, 3.0, len(support), dtype=torch.float64)
+    probabilities /= probabilities.sum()
+    uniforms = hash_uniform(rollout_seeds(3, 1, torch.arange(ROWS // 2), 2))  # [ROWS]
+    probs = probabilities.float().expand(ROWS, -1).contiguous()
+    samples = HashInverseCDFSampler.draw(probs, uniforms).squeeze(-1).numpy()
+    assert_frequencies_match(samples, probabilities.numpy())
+
+
+def test_hash_sampler_never_takes_a_zero_mass_id_when_u_rounds_up(monkeypatch):
+    # The largest uniform times the total can round to the total itself; the sampler must then
+    # take the last id of positive mass, not a masked id after it.
+    largest = 1.0 - 2.0**-53
+    monkeypatch.setattr(
+        rollout_module, "hash_uniform", lambda keys: torch.full(keys.shape, largest)
+    )
+    scores = torch.tensor([[0.3, 40.0, -2.0, float("-inf"), float("-inf")]]).expand(4, -1)
+    sampler = HashInverseCDFSampler(torch.arange(4), PROMPT_LENGTH)
+    out = sampler(torch.zeros((4, PROMPT_LENGTH), dtype=torch.long), scores.clone())
+    assert out.argmax(-1).tolist() == [2, 2, 2, 2]
+    assert torch.isneginf(out[:, [0, 1, 3, 4]]).all() and (out[:, 2] == 0).all()
+
+
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, 0), (0.6, 3)])
+def test_hash_sampler_records_the_unwarped_log_prob_of_each_draw(temperature, top_k):
+    row_seeds = torch.arange(64, dtype=torch.long)
+    chain = rollout_logits_processors(
+        PROMPT_LENGTH,
+        row_seeds=row_seeds,
+        temperature=temperature,
+        top_k=top_k,
+        vocab_size=5,
+        record_log_probs=True,
+    )
+    scores = SCORES.expand(64, -1).clone()  # [B, V]
+    drawn = chain(torch.zeros((64, PROMPT_LENGTH), dtype=torch.long), scores.clone()).argmax(-1)
+    (log_probs,) = chain[-1].log_probs
+    # The model's own distribution over the common vocabulary (ids < 5), not the warped one.
+    expected = SCORES[:5].double().log_softmax(-1)[drawn]
+    torch.testing.assert_close(log_probs.double(), expected, rtol=0, atol=1e-6)
 
 
 # -- generate_rollouts on a tiny model ----------------------------------------------------------
@@ -328,6 +378,47 @@ def test_rollouts_are_batch_composition_invariant_and_deterministic(model, token
     assert split == batch_tokens
 
 
+@pytest.mark.parametrize("generation_batch_size", [1, 4, 7])
+def test_generation_batch_size_does_not_change_the_rollouts(
+    model, tokenizer, prompt_ids, generation_batch_size
+):
+    sampling = {"temperature": 0.9, "record_log_probs": True}
+    whole = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), step=2, **sampling)
+    parts = rollout(
+        model,
+        tokenizer,
+        prompt_ids,
+        range(len(prompt_ids)),
+        step=2,
+        generation_batch_size=generation_batch_size,
+        **sampling,
+    )
+    assert valid_tokens(parts) == valid_tokens(whole)
+    assert torch.equal(parts.truncated, whole.truncated)
+    assert torch.equal(parts.prompt_index, whole.prompt_index)
+    check_mask_and_padding(parts, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    mask = whole.completion_mask
+    # Same rows, other paddings: the recorded log-probs agree to float32 rounding.
+    torch.testing.assert_close(
+        parts.sampled_log_probs[:, : mask.shape[1]][mask], whole.sampled_log_probs[mask]
+    )
+    assert (parts.sampled_log_probs[~parts.completion_mask] == 0).all()
+
+
+def test_recorded_log_probs_equal_a_full_forward(model, tokenizer, prompt_ids):
+    # What the trainer computes later (one forward over [prompt | completion]) is what the
+    # sampler recorded during cached generation: the HF backend has no mismatch but rounding.
+    result = rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), record_log_probs=True)
+    for row, prompt in enumerate(p for p in prompt_ids for _ in range(3)):
+        tokens = result.completion_ids[row][result.completion_mask[row]]
+        ids = torch.tensor([prompt + tokens.tolist()])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # [t, V]
+        expected = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        recorded = result.sampled_log_probs[row][result.completion_mask[row]]
+        torch.testing.assert_close(recorded, expected, rtol=0, atol=1e-4)
+
+
 def test_rollouts_depend_on_seed_step_and_generation(model, tokenizer, prompt_ids):
     base = valid_tokens(rollout(model, tokenizer, prompt_ids, range(len(prompt_ids))))
     assert (
@@ -374,7 +465,7 @@ def test_sampling_from_a_single_token_support_is_greedy(model, tokenizer, prompt
 def test_generate_rollouts_samples_through_rollout_logits_processors(
     model, tokenizer, prompt_ids, monkeypatch
 ):
-    # The chain whose sampling the HashGumbelSampler tests check is the one generate receives.
+    # The chain whose sampling the HashInverseCDFSampler tests check is the one generate receives.
     built, received = [], []
 
     def recording(*args, **kwargs):
@@ -394,7 +485,8 @@ def test_generate_rollouts_samples_through_rollout_logits_processors(
     rollout(model, tokenizer, prompt_ids, range(len(prompt_ids)), generations=2, **sampling)
     ((args, kwargs, processors),) = built
     assert args == (max(len(ids) for ids in prompt_ids),)  # the padded prompt length
-    assert torch.equal(kwargs.pop("row_seeds"), row_seeds) and kwargs == sampling
+    assert torch.equal(kwargs.pop("row_seeds"), row_seeds)
+    assert kwargs == {**sampling, "record_log_probs": False}
     assert len(received) == 1 and received[0] is processors
 
 

@@ -83,8 +83,14 @@ def test_step_is_identical_for_any_micro_batch_split(tmp_path, objective):
     reference_metrics, reference_grads = gradient_of_step(trainer, rollouts, prompts, 8)
     for micro_batch_size in (4, 1):
         metrics, grads = gradient_of_step(trainer, rollouts, prompts, micro_batch_size)
-        for key in [k for k in reference_metrics if k.startswith(("threshold/", "fraction/"))]:
+        for key in [k for k in reference_metrics if k.startswith("fraction/")]:
             assert metrics[key] == reference_metrics[key], key
+        # Thresholds are means of per-token statistics from forwards of other batch shapes
+        # (padding, GEMM vs GEMV): equal to float32 rounding, not bit for bit.
+        for key in [k for k in reference_metrics if k.startswith("threshold/")]:
+            assert_close(
+                metrics[key], reference_metrics[key], ulps=REORDERED, dtype=torch.float32, msg=key
+            )
         # The same float32 sums in another split agree to rounding.
         assert_close(
             metrics["loss"], reference_metrics["loss"], ulps=REORDERED, dtype=torch.float32

@@ -1,6 +1,8 @@
-"""Command line: ``dopd train``, ``dopd eval``, ``dopd objectives``. Parse, build, run.
+"""Command line: ``dopd train``, ``dopd eval``, ``dopd vllm-serve``, ``dopd objectives``, and the
+lab's ``demo``, ``lab`` and ``pretrain``. Parse, build, run.
 
     dopd train --config configs/tiny.yaml --set objective.top_k=64 --set output_dir=runs/x
+    dopd vllm-serve --config configs/tiny-vllm.yaml   # then train with rollout.vllm_mode=server
     dopd eval --model runs/x/model --data configs/data/tiny.jsonl
     dopd objectives
 
@@ -30,6 +32,13 @@ def _train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set)
     check_sources(config)  # before any weights load or output_dir changes
     Trainer(config, resume=args.resume, overwrite=args.overwrite).train(stop_after=args.stop_after)
+
+
+def _vllm_serve(args: argparse.Namespace) -> None:
+    from dopd.config import load_config
+    from dopd.training.vllm_server import serve_config
+
+    serve_config(load_config(args.config, args.set))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -101,6 +110,17 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted), repeatable",
+    )
+
+
 def _add_gates_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-failed-gates",
@@ -130,14 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_command = functools.partial(commands.add_parser, parents=[debug])
 
     train = add_command("train", help="train a student with on-policy distillation")
-    train.add_argument("--config", required=True, help="YAML config file")
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (dotted), repeatable",
-    )
+    _add_config_flags(train)
     train.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
     )
@@ -150,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after N steps (the schedule keeps optim.max_steps)",
     )
     train.set_defaults(run=_train)
+
+    serve = add_command(
+        "vllm-serve",
+        help="serve a config's student with vLLM for rollout.vllm_mode=server "
+        "(at rollout.vllm_server_host/port)",
+    )
+    _add_config_flags(serve)
+    serve.set_defaults(run=_vllm_serve)
 
     evaluation = add_command(
         "eval", help="held-out accuracy of a saved model without privileged context"

@@ -486,15 +486,20 @@ def test_outputs_have_documented_shapes():
     )
 
 
-def test_student_entropy_is_the_entropy_of_the_untempered_student_logits():
+def test_student_metrics_are_entropy_and_sampled_logp_of_the_untempered_student_logits():
     rollout = random_rollout(3, 6, 61, seed=13, lengths=[6, 0, 4])
     _leaves(rollout)
     objective = build_objective("dopd", top_k=8, temperature=0.7)
-    out = _chunked(objective, rollout, 4, student_entropy=True)
+    out = _chunked(objective, rollout, 4, student_metrics=True)
     logp = rollout.logits("student")[rollout.mask].detach().log_softmax(-1)  # [N, V]
     expected = -(logp.exp() * logp).sum(-1)  # [N]
     assert_close(out.student_entropy, expected, ulps=REORDERED)
-    assert _chunked(objective, rollout, 4).student_entropy is None
+    ids = rollout.ids[rollout.mask]
+    assert_close(
+        out.student_log_probs, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), ulps=REORDERED
+    )
+    plain = _chunked(objective, rollout, 4)
+    assert plain.student_entropy is None and plain.student_log_probs is None
 
 
 @pytest.mark.parametrize("name", ["dopd", "eopd", "pruned_opd"])

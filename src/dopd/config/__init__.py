@@ -19,14 +19,17 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from dopd.config.loading import (
+    BOOLS,
     apply_override,
     config_to_dict,
     convert,
+    doc,
     dump_yaml,
     from_dict,
     join_key,
     read_yaml,
 )
+from dopd.config.rollout import RolloutConfig
 from dopd.errors import (
     ConfigError,
     quote,
@@ -73,12 +76,6 @@ OVERLONG_PROMPTS: tuple[OverlongPrompts, ...] = get_args(OverlongPrompts)
 LOSS_PATHS: tuple[LossPath, ...] = get_args(LossPath)
 MIXED_PRECISION: tuple[MixedPrecision, ...] = get_args(MixedPrecision)
 VERIFIERS: tuple[Verifier, ...] = get_args(Verifier)
-BOOLS = (True, False)
-
-
-def doc(text: str) -> dict[str, str]:
-    """Field metadata holding the field's help text (``config_help`` prints it)."""
-    return {"help": text}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,7 +208,14 @@ class ObjectiveConfig:
             for key, value in self.options.items()
         }
         object.__setattr__(self, "options", options)
-        self.build()  # the objective's own validation, now rather than at the first step
+        objective = self.build()  # the objective's own validation, now, not at the first step
+        if objective.config.importance_correction != "none" and not objective.has_sampled_terms:
+            raise ConfigError(
+                f"importance_correction={objective.config.importance_correction!r}: objective "
+                f"{self.name!r} has no sampled-token term to correct; the correction applies to "
+                "sampled-token objectives (vanilla_opd, priv_teacher_opd, uniform with "
+                "granularity=sampled); set it to 'none'"
+            )
 
     @property
     def spec(self) -> ObjectiveSpec:
@@ -255,31 +259,6 @@ class ViewsConfig:
         require_choice("priv_student_weights", self.priv_student_weights, PRIV_STUDENT_WEIGHTS)
         require_range("ema_decay", self.ema_decay, low=0.0, high=1.0, low_open=True, high_open=True)
         require_choice("student_input", self.student_input, VIEWS)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RolloutConfig:
-    """On-policy sampling from the student (recorded in the run's config.yaml)."""
-
-    prompts_per_step: int = field(
-        default=8, metadata=doc("prompts per optimizer step, over all processes together")
-    )
-    num_generations: int = field(default=4, metadata=doc("completions sampled per prompt"))
-    max_completion_length: int = field(default=64, metadata=doc("most new tokens per completion"))
-    temperature: float = field(
-        default=1.0,
-        metadata=doc("sampling temperature (the loss has its own objective.temperature)"),
-    )
-    top_p: float = field(default=1.0, metadata=doc("nucleus sampling mass, in (0, 1]; 1 = off"))
-    top_k: int = field(default=0, metadata=doc("sample among the k likeliest tokens; 0 = off"))
-
-    def __post_init__(self) -> None:
-        require_int("prompts_per_step", self.prompts_per_step, low=1)
-        require_int("num_generations", self.num_generations, low=1)
-        require_int("max_completion_length", self.max_completion_length, low=1)
-        require_range("temperature", self.temperature, low=0.0, low_open=True)
-        require_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
-        require_int("top_k", self.top_k, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)

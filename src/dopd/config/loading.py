@@ -25,6 +25,13 @@ import yaml
 
 from dopd.errors import ConfigError, quote
 
+BOOLS = (True, False)
+
+
+def doc(text: str) -> dict[str, str]:
+    """Field metadata holding the field's help text (``dopd.config.config_help`` prints it)."""
+    return {"help": text}
+
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """The dataclass ``cls`` built from a mapping, checking every key and type.

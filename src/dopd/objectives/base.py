@@ -25,6 +25,7 @@ from dopd.objectives.divergences import (
     divergence_beta,
     generalized_jsd,
     sampled_token_surrogate,
+    truncated_importance_weights,
 )
 from dopd.objectives.reduction import REDUCTIONS, Reduction, reduce_loss
 from dopd.objectives.statistics import Thresholds
@@ -38,6 +39,8 @@ from dopd.objectives.views import TokenViews, ViewName, check_token_classes
 
 Granularity = Literal["sampled", "topk", "full"]
 GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
+ImportanceCorrection = Literal["none", "truncated"]
+IMPORTANCE_CORRECTIONS: tuple[ImportanceCorrection, ...] = get_args(ImportanceCorrection)
 Target = Literal["teacher", "priv_student", "extrapolated"]
 TARGETS: tuple[Target, ...] = get_args(Target)
 # The views each target reads: the extrapolated target mixes the teacher and the reference.
@@ -62,6 +65,11 @@ class ObjectiveOptions:
         topk_tail: add a tail entry with the remaining mass instead of renormalising.
         reduction: ``sequence_mean`` (paper) or ``token_mean``.
         temperature: loss temperature dividing every view's logits (sampling has its own knob).
+        importance_correction: ``truncated`` multiplies every sampled-token term by
+            ``min(pi_train(y) / pi_rollout(y), importance_cap)``, correcting for a rollout
+            engine whose numerics differ from the trainer's (``truncated_importance_weights``);
+            ``none`` (default) trains as if the trainer had sampled.
+        importance_cap: the truncation of those weights.
     """
 
     top_k: int = 128
@@ -69,6 +77,8 @@ class ObjectiveOptions:
     topk_tail: bool = False
     reduction: Reduction = "sequence_mean"
     temperature: float = 1.0
+    importance_correction: ImportanceCorrection = "none"
+    importance_cap: float = 2.0
 
     def __post_init__(self) -> None:
         require_int("top_k", self.top_k, low=1)
@@ -76,6 +86,8 @@ class ObjectiveOptions:
         require_choice("topk_tail", self.topk_tail, (True, False))
         require_choice("reduction", self.reduction, REDUCTIONS)
         require_range("temperature", self.temperature, low=0.0, low_open=True)
+        require_choice("importance_correction", self.importance_correction, IMPORTANCE_CORRECTIONS)
+        require_range("importance_cap", self.importance_cap, low=1.0)
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,11 @@ class Objective:
         return "reference" in self.constant_views
 
     @property
+    def has_sampled_terms(self) -> bool:
+        """Whether any group gets a sampled-token term (what ``importance_correction`` weights)."""
+        return any(t.granularity == "sampled" for terms in self.routes() for t in terms)
+
+    @property
     def token_class_names(self) -> tuple[str, ...]:
         """The token classes routing reads (empty: it reads none)."""
         return ()
@@ -242,7 +259,19 @@ def term_values(objective: Objective, term: Term, views: TokenViews, rows: Tenso
     target = objective.target_logits(term.target, views, rows)  # [M, V]
     beta = divergence_beta(term.divergence, term.jsd_beta)
     kernel = TERM_KERNELS[term.granularity]
-    return kernel(objective, student, target, views.token_ids[rows], beta)
+    values = kernel(objective, student, target, views.token_ids[rows], beta)
+    if term.granularity == "sampled" and objective.config.importance_correction == "truncated":
+        if views.rollout_log_probs is None:
+            raise ValueError(
+                "importance_correction='truncated' needs the rollout engine's log-probs of the "
+                "sampled tokens (rollout_log_probs); none were given"
+            )
+        values = values * truncated_importance_weights(
+            views.sampled_logp("student", rows),
+            views.rollout_log_probs[rows],
+            objective.config.importance_cap,
+        )
+    return values
 
 
 @dataclass
@@ -356,6 +385,7 @@ def objective_loss(
     thresholds: ObjectiveThresholds = None,
     denominator: Tensor | float | None = None,
     token_classes: Tensor | None = None,
+    rollout_log_probs: Tensor | None = None,
 ) -> ObjectiveOutput:
     """Loss of ``objective`` on one batch of rollouts.
 
@@ -371,6 +401,8 @@ def objective_loss(
         denominator: step-level reduction denominator; None uses this batch's.
         token_classes: ``[B, T]`` long, each token's true class as an index into
             ``objective.token_class_names`` (-1 at padding), only for objectives that route on it.
+        rollout_log_probs: ``[B, T]`` float, the rollout engine's log-prob of each sampled token,
+            read by ``importance_correction='truncated'`` only.
 
     Returns:
         ``ObjectiveOutput``; gradient reaches ``student_logits`` only.
@@ -399,6 +431,7 @@ def objective_loss(
         mask,
         objective.config.temperature,
         token_classes if objective.uses_token_classes else None,
+        rollout_log_probs,
     )
     out = token_losses(objective, views, thresholds)
     per_token = out.per_token  # [N]

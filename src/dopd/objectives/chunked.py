@@ -42,7 +42,7 @@ from dopd.objectives.views import (
     ViewName,
     check_token_classes,
     compute_dtype,
-    logits_entropy,
+    entropy_and_sampled_logp,
 )
 
 DEFAULT_CHUNK_ROWS = 1024
@@ -61,10 +61,13 @@ class ChunkedOutput(ObjectiveOutput):
         statistics: name -> ``[N]`` float per-token statistics.
         metrics: name -> Python float, as ``ObjectiveOutput.metrics``.
         student_entropy: ``[N]`` float entropy (nats) of the student's logits before the loss
-            temperature, when asked for (``student_entropy=True``), else None.
+            temperature, when asked for (``student_metrics=True``), else None.
+        student_log_probs: ``[N]`` float log-prob of each sampled token under those logits,
+            when asked for (``student_metrics=True``), else None.
     """
 
     student_entropy: Tensor | None = None
+    student_log_probs: Tensor | None = None
 
 
 def chunked_statistics(
@@ -97,8 +100,9 @@ def chunked_objective_loss(
     *,
     thresholds: ObjectiveThresholds = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    student_entropy: bool = False,
+    student_metrics: bool = False,
     token_classes: Tensor | None = None,
+    rollout_log_probs: Tensor | None = None,
 ) -> ChunkedOutput:
     """Loss of ``objective`` on ``N`` valid completion tokens; equals ``objective_loss`` on the
     logits ``hidden @ weight.T`` of every view, in value and gradient.
@@ -115,10 +119,12 @@ def chunked_objective_loss(
             (``reduction.row_weights(mask, reduction, denominator)``).
         thresholds: step-level thresholds; None computes them from these ``N`` rows.
         chunk_rows: rows projected at a time; peak memory grows as ``chunk_rows x V``.
-        student_entropy: also return the student's per-row entropy (a metric), computed from
-            each chunk's logits while they exist.
+        student_metrics: also return the student's per-row entropy and sampled-token log-prob
+            (metrics), computed from each chunk's logits while they exist.
         token_classes: ``[N]`` long, each row's true class as an index into
             ``objective.token_class_names``, only for objectives that route on it.
+        rollout_log_probs: ``[N]`` float, the rollout engine's log-prob of each token, read by
+            ``importance_correction='truncated'`` only.
 
     Returns:
         ``ChunkedOutput``; the loss is ``sum(row_weights * per_token_loss)``.
@@ -152,16 +158,19 @@ def chunked_objective_loss(
         gradients = _Gradients(
             projected["student"], student_hidden.requires_grad, student_weight.requires_grad
         )
-    value, parts, entropy = _loss_pass(
-        objective, projected, token_ids, token_classes, row_weights, thresholds, chunk_rows,
-        gradients, student_entropy,
+    rows = _RowData(token_ids, token_classes, rollout_log_probs)
+    value, parts, entropy, log_probs = _loss_pass(
+        objective, projected, rows, row_weights, thresholds, chunk_rows, gradients,
+        student_metrics,
     )  # fmt: skip
     loss = value if gradients is None else gradients.attach(value, student_hidden, student_weight)
     per_token = torch.cat([part.per_token for part in parts])  # [N]
     groups = torch.cat([part.groups for part in parts])  # [N]
     statistics = merge_statistics(part.statistics for part in parts)
     metrics = objective_metrics(objective, groups, per_token, statistics, thresholds)
-    return ChunkedOutput(loss, per_token, groups, thresholds, statistics, metrics, entropy)
+    return ChunkedOutput(
+        loss, per_token, groups, thresholds, statistics, metrics, entropy, log_probs
+    )
 
 
 def _loss_views(objective: Objective) -> set[ViewName]:
@@ -252,42 +261,62 @@ def _statistics(
     return merge_statistics(parts)
 
 
+@dataclass(frozen=True)
+class _RowData:
+    """What the loss pass reads per row besides the views: ``[N]`` token ids, and ``[N]`` token
+    classes and engine log-probs where given."""
+
+    token_ids: Tensor
+    token_classes: Tensor | None
+    rollout_log_probs: Tensor | None
+
+    def views(self, logits: dict[str, Tensor], rows: slice, temperature: float) -> TokenViews:
+        """``TokenViews`` of the chunk ``rows`` from its ``[C, V]`` logits."""
+        return TokenViews.from_rows(
+            logits,
+            self.token_ids[rows],
+            temperature,
+            None if self.token_classes is None else self.token_classes[rows],
+            None if self.rollout_log_probs is None else self.rollout_log_probs[rows],
+        )
+
+
 def _loss_pass(
     objective: Objective,
     heads: dict[ViewName, ViewHead],
-    token_ids: Tensor,
-    token_classes: Tensor | None,
+    data: _RowData,
     row_weights: Tensor,
     thresholds: ObjectiveThresholds,
     chunk_rows: int,
     gradients: _Gradients | None,
-    student_entropy: bool,
-) -> tuple[Tensor, list[TokenLosses], Tensor | None]:
+    student_metrics: bool,
+) -> tuple[Tensor, list[TokenLosses], Tensor | None, Tensor | None]:
     """Sum over chunks of ``row_weights * per_token``, the detached per-chunk ``TokenLosses``,
-    the student's ``[N]`` entropy (when asked), and each chunk's gradient pushed into
-    ``gradients`` (when given) before the next chunk."""
-    values, parts, entropies = [], [], []
-    for rows in _chunks(token_ids.shape[0], chunk_rows):
+    the student's ``[N]`` entropy and sampled-token log-prob (when asked), and each chunk's
+    gradient pushed into ``gradients`` (when given) before the next chunk."""
+    values, parts, entropies, log_probs = [], [], [], []
+    for rows in _chunks(data.token_ids.shape[0], chunk_rows):
         student_logits, part, chunk_loss = _chunk_loss(
-            objective, heads, token_ids, token_classes, row_weights, rows, thresholds,
-            gradients is not None,
-        )  # fmt: skip
+            objective, heads, data, row_weights, rows, thresholds, gradients is not None
+        )
         if gradients is not None:
             gradients.add(rows, torch.autograd.grad(chunk_loss, student_logits)[0])
-        if student_entropy:
-            entropies.append(logits_entropy(student_logits.detach()))  # [C]
+        if student_metrics:
+            entropy, logp = entropy_and_sampled_logp(student_logits, data.token_ids[rows])
+            entropies.append(entropy)  # [C]
+            log_probs.append(logp)  # [C]
         values.append(chunk_loss.detach())
         part.per_token = part.per_token.detach()
         parts.append(part)
-    entropy = torch.cat(entropies) if student_entropy else None  # [N]
-    return torch.stack(values).sum(), parts, entropy
+    if not student_metrics:
+        return torch.stack(values).sum(), parts, None, None
+    return torch.stack(values).sum(), parts, torch.cat(entropies), torch.cat(log_probs)
 
 
 def _chunk_loss(
     objective: Objective,
     heads: dict[ViewName, ViewHead],
-    token_ids: Tensor,
-    token_classes: Tensor | None,
+    data: _RowData,
     row_weights: Tensor,
     rows: slice,
     thresholds: ObjectiveThresholds,
@@ -302,11 +331,8 @@ def _chunk_loss(
     student_logits = heads["student"].logits(rows).requires_grad_(requires_grad)  # [C, V]
     constant_logits = _logits(heads, [name for name in heads if name != "student"], rows)
     with torch.enable_grad():
-        views = TokenViews.from_rows(
-            {"student": student_logits, **constant_logits},
-            token_ids[rows],
-            objective.config.temperature,
-            None if token_classes is None else token_classes[rows],
+        views = data.views(
+            {"student": student_logits, **constant_logits}, rows, objective.config.temperature
         )
         part = token_losses(objective, views, thresholds)
         chunk_loss = (row_weights[rows].to(part.per_token.dtype) * part.per_token).sum()

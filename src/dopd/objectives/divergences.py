@@ -100,3 +100,25 @@ def sampled_token_surrogate(student_logp_y: Tensor, target_logp_y: Tensor, beta:
         mixture = torch.logaddexp(s + math.log(1.0 - beta), q + math.log(beta))
         coefficient = (1.0 - beta) * (s - mixture)
     return coefficient * _floor(student_logp_y)
+
+
+def truncated_importance_weights(
+    train_logp_y: Tensor, rollout_logp_y: Tensor, cap: float
+) -> Tensor:
+    """Truncated importance weights ``min(pi_train(y) / pi_rollout(y), cap)``, detached.
+
+    The rollout engine (e.g. vLLM) samples ``y`` from its own numerics of the student; a
+    sampled-token surrogate multiplied by these weights has, up to the truncation, the gradient
+    it would have under samples from the trainer's student (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training").
+
+    Args:
+        train_logp_y: ``[M]`` float, the trainer's ``log S(y)``.
+        rollout_logp_y: ``[M]`` float, the engine's log-probability of the same tokens.
+        cap: ``> 0``, the largest weight.
+
+    Returns:
+        ``[M]`` float in ``(0, cap]``.
+    """
+    log_ratio = train_logp_y.detach() - rollout_logp_y.to(train_logp_y.dtype)
+    return log_ratio.clamp_max(math.log(cap)).exp()

@@ -75,7 +75,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def logits_entropy(logits: Tensor) -> Tensor:
     """Entropy (nats) of ``softmax(logits)``: ``[..., V]`` any float dtype -> ``[...]`` float32 or
     wider, detached."""
+    return _entropy(logits.detach().to(compute_dtype(logits.dtype)).log_softmax(-1))
+
+
+def entropy_and_sampled_logp(logits: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``logits_entropy(logits)`` and the log-prob of ``token_ids`` ``[...]`` under
+    ``softmax(logits)`` ``[..., V]``, from one log-softmax; both ``[...]``, detached."""
     logp = logits.detach().to(compute_dtype(logits.dtype)).log_softmax(-1)
+    return _entropy(logp), logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _entropy(logp: Tensor) -> Tensor:
     # 0 * log 0 is 0: clamp -inf log-probs (masked tokens) so that they do not give 0 * -inf = nan.
     return -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
 
@@ -89,14 +99,21 @@ class TokenViews:
         token_classes: ``[N]`` long, each token's true class as an index into the objective's
             ``token_class_names``, for objectives that route on it (``uses_token_classes``);
             None otherwise.
+        rollout_log_probs: ``[N]`` float, the rollout engine's log-prob of each sampled token
+            (for ``importance_correction``), or None.
     """
 
     def __init__(
-        self, logits: dict[str, Tensor], token_ids: Tensor, token_classes: Tensor | None = None
+        self,
+        logits: dict[str, Tensor],
+        token_ids: Tensor,
+        token_classes: Tensor | None = None,
+        rollout_log_probs: Tensor | None = None,
     ):
         self.logits = logits
         self.token_ids = token_ids
         self.token_classes = token_classes
+        self.rollout_log_probs = rollout_log_probs
 
     @classmethod
     def from_batch(
@@ -106,6 +123,7 @@ class TokenViews:
         mask: Tensor,
         temperature: float,
         token_classes: Tensor | None = None,
+        rollout_log_probs: Tensor | None = None,
     ) -> TokenViews:
         """Select valid rows from ``[B, T, V]`` logits (``None`` views are skipped).
 
@@ -115,11 +133,13 @@ class TokenViews:
             mask: ``[B, T]`` bool.
             temperature: the loss temperature; logits are divided by it.
             token_classes: ``[B, T]`` long class indices (padding: -1, never selected), or None.
+            rollout_log_probs: ``[B, T]`` float engine log-probs, or None.
         """
         # [N, V] each
         rows = {name: value[mask] for name, value in logits.items() if value is not None}
         classes = None if token_classes is None else token_classes[mask]  # [N]
-        return cls.from_rows(rows, completion_ids[mask], temperature, classes)
+        engine = None if rollout_log_probs is None else rollout_log_probs[mask]  # [N]
+        return cls.from_rows(rows, completion_ids[mask], temperature, classes, engine)
 
     @classmethod
     def from_rows(
@@ -128,6 +148,7 @@ class TokenViews:
         token_ids: Tensor,
         temperature: float,
         token_classes: Tensor | None = None,
+        rollout_log_probs: Tensor | None = None,
     ) -> TokenViews:
         """Views from logits that are already rows of valid tokens (a whole batch or one chunk).
 
@@ -136,6 +157,7 @@ class TokenViews:
             token_ids: ``[N]`` long.
             temperature: the loss temperature; logits are divided by it.
             token_classes: ``[N]`` long class indices of the same rows, or None.
+            rollout_log_probs: ``[N]`` float engine log-probs of the same rows, or None.
         """
         rows = {}
         for name, value in logits.items():
@@ -144,7 +166,7 @@ class TokenViews:
             value = value.to(compute_dtype(value.dtype))  # [N, V]
             # x / 1 is x exactly; skipping it saves one [N, V] copy per view.
             rows[name] = value if temperature == 1.0 else value / temperature
-        return cls(rows, token_ids, token_classes)
+        return cls(rows, token_ids, token_classes, rollout_log_probs)
 
     @property
     def num_tokens(self) -> int:

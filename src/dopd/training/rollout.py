@@ -1,10 +1,12 @@
 """On-policy rollouts: sample completions from the current student with ``generate`` (KV cache).
 
-Sampling is a pure function of ``(seed, step, prompt id, generation index, position)``: a
-Gumbel-max sampler draws its uniforms from a counter-based hash instead of the global RNG. Every
-rollout is therefore the same however prompts are split across micro-batches, ranks or resumed
-runs, which is what makes a 2-process run equal a 1-process run and a resumed run equal an
-uninterrupted one. Gumbel-max over the warped logits is exact sampling from their softmax.
+Sampling is a pure function of ``(seed, step, prompt id, generation index, position)``: an
+inverse-CDF sampler draws one uniform per position from a counter-based hash instead of the global
+RNG. Every rollout is therefore the same however prompts are split across micro-batches, ranks,
+generation batches or resumed runs, which is what makes a 2-process run equal a 1-process run and
+a resumed run equal an uninterrupted one. Inverse CDF over the softmax of the warped logits is
+exact sampling from it. ``rollout.backend: vllm`` samples through ``dopd.training.backends``
+instead, with the same per-row seeds but another sampler.
 
 When the student's output head is padded past the run's common vocabulary (a smaller teacher
 head, ``dopd.modeling.loading.common_vocabulary``), the padded columns are masked to -inf before
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import (
@@ -59,26 +62,81 @@ class VocabularyMask(LogitsProcessor):
         return scores.index_fill(-1, padded, float("-inf"))  # [B, V_model]
 
 
-class HashGumbelSampler(LogitsProcessor):
-    """Adds hash-derived Gumbel noise so that greedy decoding samples from the warped logits.
+class HashInverseCDFSampler(LogitsProcessor):
+    """Samples one token per row from the softmax of the warped scores by inverse CDF, with one
+    hashed uniform per row and position; returns scores that are 0 at the sampled id and -inf
+    elsewhere, so that greedy ``generate`` takes it.
+
+    The uniform ``u`` is a pure function of ``(row seed, position)``, so a row's tokens do not
+    depend on the batch it is in. The sampled id is the first whose cumulative probability exceeds
+    ``u`` times the total mass, found in two levels: blocks of ``BLOCK`` ids (their float32 masses
+    cumulated in float64), then the ids of one block (float64). That is exact sampling from the
+    float32 softmax, at the cost of one softmax per position, and ids of zero probability
+    (masked, or cut by top-k/top-p) are never taken.
 
     Args:
         row_seeds: ``[B]`` int64, one per rollout row.
         prompt_length: padded prompt length; the position key is the number of tokens generated
             so far, which does not depend on how much padding the batch needed.
+        record_log_probs: keep ``log_probs``, the model's log-probability (before warping) of
+            each sampled token, one ``[B]`` tensor per position.
     """
 
-    def __init__(self, row_seeds: Tensor, prompt_length: int):
+    BLOCK = 128
+
+    def __init__(self, row_seeds: Tensor, prompt_length: int, *, record_log_probs: bool = False):
         self.row_seeds = row_seeds
         self.prompt_length = prompt_length
+        self.raw_scores: Tensor | None = None  # set by _KeepRawScores when warpers run first
+        self.log_probs: list[Tensor] | None = [] if record_log_probs else None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         position = input_ids.shape[1] - self.prompt_length
-        vocab = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.long)
-        row_keys = splitmix(self.row_seeds.to(scores.device) + position).unsqueeze(-1)  # [B, 1]
-        uniforms = hash_uniform(row_keys ^ vocab)  # [B, V]
-        gumbel = -torch.log(-torch.log(uniforms))
-        return scores.log_softmax(-1) + gumbel.to(scores.dtype)
+        uniforms = hash_uniform(splitmix(self.row_seeds.to(scores.device) + position))  # [B]
+        sampled = self.draw(scores.float().softmax(-1), uniforms)  # [B, 1]
+        if self.log_probs is not None:
+            raw = (scores if self.raw_scores is None else self.raw_scores).float()
+            self.log_probs.append(
+                (raw.gather(-1, sampled) - raw.logsumexp(-1, keepdim=True)).squeeze(-1)
+            )
+        return torch.full_like(scores, float("-inf")).scatter_(-1, sampled, 0.0)
+
+    @classmethod
+    def draw(cls, probs: Tensor, uniforms: Tensor) -> Tensor:
+        """``[B, 1]`` ids: per row, the first id whose cumulative mass exceeds ``u * total``.
+
+        Args:
+            probs: ``[B, V]`` float32 non-negative masses (a softmax; zeros are never drawn).
+            uniforms: ``[B]`` float64 in (0, 1).
+        """
+        rows, vocab = probs.shape
+        padded = F.pad(probs, (0, -vocab % cls.BLOCK))  # [B, K * BLOCK], zero mass appended
+        blocks = padded.view(rows, -1, cls.BLOCK)  # [B, K, BLOCK]
+        block_cumulative = blocks.sum(-1).double().cumsum(-1)  # [B, K]
+        target = (uniforms.to(probs.device) * block_cumulative[:, -1]).unsqueeze(-1)  # [B, 1]
+        # u * total can round up to the total: the last block then, where the clamp below applies.
+        block = torch.searchsorted(block_cumulative, target, right=True).clamp_max(
+            blocks.shape[1] - 1
+        )  # [B, 1]
+        before = block_cumulative.gather(-1, (block - 1).clamp_min(0)) * (block > 0)  # [B, 1]
+        inside = blocks.gather(1, block.unsqueeze(-1).expand(-1, -1, cls.BLOCK)).squeeze(1)
+        inner_cumulative = inside.double().cumsum(-1)  # [B, BLOCK]
+        offset = torch.searchsorted(inner_cumulative, target - before, right=True)  # [B, 1]
+        # Float rounding between the block's sum and its cumulative sum can leave the remainder
+        # at or past the block's mass: take the block's last id of positive mass then.
+        last = ((inside > 0).cumsum(-1)).argmax(-1, keepdim=True)  # [B, 1]
+        return block * cls.BLOCK + torch.minimum(offset, last)
+
+
+class _KeepRawScores(LogitsProcessor):
+    """Hands the unwarped scores to the sampler, which reports log-probabilities from them."""
+
+    def __init__(self, sampler: HashInverseCDFSampler):
+        self.sampler = sampler
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.sampler.raw_scores = scores
+        return scores
 
 
 def rollout_logits_processors(
@@ -89,14 +147,15 @@ def rollout_logits_processors(
     top_p: float = 1.0,
     top_k: int = 0,
     vocab_size: int | None = None,
+    record_log_probs: bool = False,
 ) -> LogitsProcessorList:
     """The logits processors ``generate_rollouts`` hands to ``generate``, in the order they run.
 
     Each processor maps ``(input_ids [B, L], scores [B, V_model]) -> scores [B, V_model]``, where
     ``L`` is ``prompt_length`` plus the tokens generated so far. The chain is: ``VocabularyMask``
     (only with ``vocab_size``), then, when sampling (``row_seeds`` given), temperature (unless
-    1.0), top-k (unless 0), top-p (unless 1.0) and last ``HashGumbelSampler``, whose argmax (what
-    greedy ``generate`` takes) is a sample from the softmax of the warped scores. Without
+    1.0), top-k (unless 0), top-p (unless 1.0) and last ``HashInverseCDFSampler``, whose argmax
+    (what greedy ``generate`` takes) is a sample from the softmax of the warped scores. Without
     ``row_seeds`` only the mask remains, and the argmax is greedy decoding.
 
     Args:
@@ -104,18 +163,22 @@ def rollout_logits_processors(
             the sampler's hash keys.
         row_seeds: ``[B]`` int64 from ``rollout_seeds``; None decodes greedily.
         vocab_size: the run's common vocabulary; ids ``>= vocab_size`` are masked first.
+        record_log_probs: the sampler keeps each sampled token's log-probability under the
+            model's distribution over the common vocabulary, before temperature, top-k and top-p.
     """
     processors = LogitsProcessorList()
     if vocab_size is not None:
         processors.append(VocabularyMask(vocab_size))
     if row_seeds is not None:
-        if temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(temperature))
-        if top_k > 0:
-            processors.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
-        processors.append(HashGumbelSampler(row_seeds, prompt_length))
+        sampler = HashInverseCDFSampler(row_seeds, prompt_length, record_log_probs=record_log_probs)
+        warpers = [
+            *([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []),
+            *([TopKLogitsWarper(top_k)] if top_k > 0 else []),
+            *([TopPLogitsWarper(top_p)] if top_p < 1.0 else []),
+        ]
+        if warpers and record_log_probs:
+            processors.append(_KeepRawScores(sampler))
+        processors.extend([*warpers, sampler])
     return processors
 
 
@@ -128,12 +191,68 @@ class Rollouts:
         completion_mask: ``[B, T]`` bool, valid up to and including the first EOS.
         prompt_index: ``[B]`` long, which prompt of the batch each row answers.
         truncated: ``[B]`` bool, True where no EOS was produced within the length budget.
+        sampled_log_probs: ``[B, T]`` float32, the sampling engine's log-probability of each
+            sampled token under the model's own distribution (before temperature, top-k and
+            top-p), 0 at padding; None when not recorded (greedy decoding). The trainer compares
+            it with its own (``dopd.training.mismatch``).
     """
 
     completion_ids: Tensor
     completion_mask: Tensor
     prompt_index: Tensor
     truncated: Tensor
+    sampled_log_probs: Tensor | None = None
+
+
+def finish_rollouts(
+    completions: Sequence[Sequence[int]],
+    num_prompts: int,
+    num_generations: int,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    log_probs: Sequence[Sequence[float]] | None = None,
+    device: torch.device | str = "cpu",
+) -> Rollouts:
+    """``Rollouts`` from per-row completion ids (prompt-major, any lengths): right-padded to the
+    longest, masked after the first EOS (ids after it become the pad id).
+
+    Every backend returns its completions through here, so EOS and padding rules are one.
+
+    Args:
+        completions: ``B = num_prompts * num_generations`` id sequences.
+        log_probs: per row, one log-probability per id (same lengths), or None.
+    """
+    length = max((len(row) for row in completions), default=0)
+    ids = torch.full((len(completions), max(length, 1)), pad_token_id, dtype=torch.long)
+    for row, tokens in enumerate(completions):
+        ids[row, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
+    ids = ids[:, :length].to(device)  # [B, T]
+    sampled = None
+    if log_probs is not None:
+        sampled = torch.zeros(ids.shape, dtype=torch.float32)
+        for row, values in enumerate(log_probs):
+            sampled[row, : len(values)] = torch.as_tensor(list(values), dtype=torch.float32)
+        sampled = sampled.to(device)
+    return _masked_rollouts(ids, num_prompts, num_generations, eos_token_id, pad_token_id, sampled)
+
+
+def _masked_rollouts(
+    ids: Tensor,
+    num_prompts: int,
+    num_generations: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    sampled_log_probs: Tensor | None,
+) -> Rollouts:
+    mask = completion_mask_after_eos(ids, eos_token_id)  # [B, T]
+    truncated = ~(ids == eos_token_id).any(-1)
+    prompt_index = torch.arange(num_prompts, device=ids.device).repeat_interleave(num_generations)
+    if sampled_log_probs is not None:
+        sampled_log_probs = sampled_log_probs.masked_fill(~mask, 0.0)
+    return Rollouts(
+        ids.masked_fill(~mask, pad_token_id), mask, prompt_index, truncated, sampled_log_probs
+    )
 
 
 @torch.no_grad()
@@ -150,8 +269,11 @@ def generate_rollouts(
     top_k: int = 0,
     row_seeds: Tensor | None = None,
     vocab_size: int | None = None,
+    generation_batch_size: int = 0,
+    record_log_probs: bool = False,
 ) -> Rollouts:
-    """Sample ``num_generations`` completions per prompt (greedy when ``row_seeds`` is None).
+    """Sample ``num_generations`` completions per prompt with HF ``generate`` (greedy when
+    ``row_seeds`` is None).
 
     Args:
         model: a Hugging Face causal LM (unwrapped).
@@ -159,40 +281,57 @@ def generate_rollouts(
         row_seeds: ``[P * num_generations]`` int64 from ``rollout_seeds``; None decodes greedily.
         vocab_size: the run's common vocabulary; when the model's head is larger, ids
             ``>= vocab_size`` are masked (first, before temperature, top-k, top-p and sampling).
+        generation_batch_size: rows per ``generate`` call (bounds the KV cache); 0 = all at once.
+            The completions do not depend on it: each row's draws are keyed by its seed.
+        record_log_probs: fill ``Rollouts.sampled_log_probs`` (sampling only).
 
     Returns:
         ``Rollouts`` with ``B = P * num_generations`` rows, prompt-major.
     """
     device = next(model.parameters()).device
     repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
-    input_ids, attention_mask = left_pad(repeated, pad_token_id, device)
-    processors = rollout_logits_processors(
-        input_ids.shape[1],
-        row_seeds=row_seeds,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        vocab_size=vocab_size,
-    )
+    step = generation_batch_size or max(len(repeated), 1)
     config = GenerationConfig(
         max_new_tokens=max_completion_length,
         do_sample=False,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        generation_config=config,
-        logits_processor=processors,
+    completions: list[Tensor] = []
+    log_probs: list[Tensor] = []
+    for start in range(0, len(repeated), step):
+        input_ids, attention_mask = left_pad(repeated[start : start + step], pad_token_id, device)
+        processors = rollout_logits_processors(
+            input_ids.shape[1],
+            row_seeds=None if row_seeds is None else row_seeds[start : start + step],
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            vocab_size=vocab_size,
+            record_log_probs=record_log_probs,
+        )
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            logits_processor=processors,
+        )
+        completions.append(output[:, input_ids.shape[1] :])  # [b, T_chunk]
+        sampler = processors[-1] if processors else None
+        if isinstance(sampler, HashInverseCDFSampler) and sampler.log_probs is not None:
+            log_probs.append(torch.stack(sampler.log_probs, -1))  # [b, T_chunk]
+    length = max(chunk.shape[1] for chunk in completions)
+    ids = torch.cat(
+        [F.pad(chunk, (0, length - chunk.shape[1]), value=pad_token_id) for chunk in completions]
+    )  # [B, T]
+    sampled = (
+        torch.cat([F.pad(chunk, (0, length - chunk.shape[1])) for chunk in log_probs])
+        if log_probs
+        else None
     )
-    completion_ids = output[:, input_ids.shape[1] :]  # [B, T]
-    mask = completion_mask_after_eos(completion_ids, eos_token_id)
-    truncated = ~torch.isin(
-        completion_ids, torch.as_tensor(eos_token_id, device=completion_ids.device)
-    ).any(-1)
-    prompt_index = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_generations)
-    return Rollouts(completion_ids.masked_fill(~mask, pad_token_id), mask, prompt_index, truncated)
+    return _masked_rollouts(
+        ids, len(prompt_ids), num_generations, eos_token_id, pad_token_id, sampled
+    )
 
 
 def completion_token_classes(

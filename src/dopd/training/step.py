@@ -59,7 +59,7 @@ from dopd.objectives.views import (
     ViewHead,
     ViewName,
     compute_dtype,
-    logits_entropy,
+    entropy_and_sampled_logp,
 )
 from dopd.training.distributed import SHARDED, gather_rows, sum_across
 
@@ -74,12 +74,16 @@ class MicroBatch:
         token_classes: ``[b, T]`` long, each completion token's true class as an index into the
             objective's ``token_class_names`` (-1 at padding), for objectives that route on it
             (``dopd.training.rollout.completion_token_classes``); None otherwise.
+        rollout_log_probs: ``[b, T]`` float, the rollout engine's log-prob of each sampled token
+            (``Rollouts.sampled_log_probs``), or None. Given, the step reports the mismatch
+            between engine and trainer (``mismatch/*``) and the objective may correct for it.
     """
 
     completion_ids: Tensor
     completion_mask: Tensor
     inputs: dict[str, ViewInputs]
     token_classes: Tensor | None = None
+    rollout_log_probs: Tensor | None = None
 
 
 def make_micro_batches(
@@ -90,6 +94,7 @@ def make_micro_batches(
     pad_token_id: int,
     *,
     token_classes: Tensor | None = None,
+    rollout_log_probs: Tensor | None = None,
 ) -> list[MicroBatch]:
     """Split rollout rows into micro-batches and lay out ``[prompt | completion]`` per view.
 
@@ -97,6 +102,7 @@ def make_micro_batches(
         completion_ids, completion_mask: ``[B, T]`` rollouts of this rank.
         view_prompts: view name -> ``B`` prompt-id lists (row-aligned with the completions).
         token_classes: ``[B, T]`` long true token classes (``MicroBatch.token_classes``), or None.
+        rollout_log_probs: ``[B, T]`` engine log-probs (``MicroBatch.rollout_log_probs``), or None.
     """
     batches = []
     for start in range(0, completion_ids.shape[0], micro_batch_size):
@@ -108,7 +114,8 @@ def make_micro_batches(
         }
         check_aligned(*(view.completion_mask for view in inputs.values()))
         classes = None if token_classes is None else token_classes[rows]
-        batches.append(MicroBatch(ids, mask, inputs, classes))
+        engine = None if rollout_log_probs is None else rollout_log_probs[rows]
+        batches.append(MicroBatch(ids, mask, inputs, classes, engine))
     return batches
 
 
@@ -250,12 +257,15 @@ def run_step(
 @dataclass
 class _BatchLoss:
     """One micro-batch's loss and, at its ``N`` valid tokens, ``[N]`` groups, weighted per-token
-    losses and student entropies (detached)."""
+    losses, student entropies and the student's sampled-token log-probs (detached), and the
+    engine's log-probs of the same tokens (None when not recorded)."""
 
     loss: Tensor
     groups: Tensor
     per_token: Tensor
     entropy: Tensor
+    student_log_probs: Tensor
+    rollout_log_probs: Tensor | None
 
 
 class _LossPath:
@@ -318,13 +328,15 @@ class _ReferencePath(_LossPath):
             thresholds=thresholds,
             denominator=denominator,
             token_classes=batch.token_classes,
+            rollout_log_probs=batch.rollout_log_probs,
         )
         mask = batch.completion_mask.bool()
+        entropy, log_probs = entropy_and_sampled_logp(
+            student_logits[mask], batch.completion_ids[mask]
+        )
+        engine = None if batch.rollout_log_probs is None else batch.rollout_log_probs[mask]
         return _BatchLoss(
-            out.loss,
-            out.groups[mask],
-            out.per_token_loss[mask],
-            logits_entropy(student_logits[mask]),
+            out.loss, out.groups[mask], out.per_token_loss[mask], entropy, log_probs, engine
         )
 
 
@@ -372,6 +384,7 @@ class _ChunkedPath(_LossPath):
         weights = row_weights(
             mask, self.objective.config.reduction, denominator, dtype=compute_dtype(student.dtype)
         )  # [N]
+        engine = None if batch.rollout_log_probs is None else batch.rollout_log_probs[mask]
         out = chunked_objective_loss(
             self.objective,
             {**heads, "student": student},
@@ -379,17 +392,30 @@ class _ChunkedPath(_LossPath):
             weights,
             thresholds=thresholds,
             chunk_rows=self.chunk_rows,
-            student_entropy=True,
+            student_metrics=True,
             token_classes=None if batch.token_classes is None else batch.token_classes[mask],
+            rollout_log_probs=engine,
         )
-        return _BatchLoss(out.loss, out.groups, out.per_token_loss, out.student_entropy)
+        return _BatchLoss(
+            out.loss,
+            out.groups,
+            out.per_token_loss,
+            out.student_entropy,
+            out.student_log_probs,
+            engine,
+        )
 
 
 class _Totals:
-    """Sums over micro-batches (then ranks) behind the step's metrics."""
+    """Sums over micro-batches (then ranks) behind the step's metrics.
+
+    Layout: per-group token counts and loss sums, then the loss, the student entropy, the token
+    count, and over tokens with engine log-probs their count, ``|delta|`` and ``k3`` sums, where
+    ``delta = log pi_train(y) - log pi_rollout(y)``.
+    """
 
     def __init__(self, num_groups: int, device):
-        self.values = torch.zeros(2 * num_groups + 3, dtype=torch.float64, device=device)
+        self.values = torch.zeros(2 * num_groups + 6, dtype=torch.float64, device=device)
         self.num_groups = num_groups
 
     def add(self, out: _BatchLoss) -> None:
@@ -401,6 +427,12 @@ class _Totals:
         self.values[2 * g] += out.loss.detach().double()
         self.values[2 * g + 1] += out.entropy.double().sum()
         self.values[2 * g + 2] += groups.numel()
+        if out.rollout_log_probs is not None:
+            delta = out.student_log_probs.double() - out.rollout_log_probs.double()  # [N]
+            self.values[2 * g + 3] += delta.numel()
+            self.values[2 * g + 4] += delta.abs().sum()
+            # k3 estimate of KL(rollout || train) from samples of the rollout engine.
+            self.values[2 * g + 5] += (delta.exp() - 1.0 - delta).sum()
 
     def reduce(self, accelerator: Accelerator, objective: Objective) -> dict[str, float]:
         values = sum_across(accelerator, self.values).tolist()
@@ -410,6 +442,9 @@ class _Totals:
             "student_entropy": values[2 * g + 1] / tokens,
             "completion_tokens": values[2 * g + 2],
         }
+        if values[2 * g + 3]:
+            metrics["mismatch/abs_log_prob_diff"] = values[2 * g + 4] / values[2 * g + 3]
+            metrics["mismatch/kl"] = values[2 * g + 5] / values[2 * g + 3]
         for index, name in enumerate(objective.group_names):
             count = values[index]
             metrics[f"fraction/{name}"] = count / tokens

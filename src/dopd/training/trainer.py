@@ -27,6 +27,7 @@ from dopd.io.atomic import replacing, write_text_atomically
 from dopd.io.data import load_examples, tokenize_views
 from dopd.modeling.loading import check_sources, common_vocabulary, load_model, output_size
 from dopd.objectives.views import ViewName
+from dopd.training.backends import check_backend, make_backend
 from dopd.training.checkpoint import (
     TrainingState,
     load_latest_checkpoint,
@@ -38,7 +39,7 @@ from dopd.training.checkpoint import (
 from dopd.training.distributed import sum_across
 from dopd.training.evaluation import evaluate, load_verifier
 from dopd.training.faults import locate_nonfinite
-from dopd.training.rollout import completion_token_classes, generate_rollouts, rollout_seeds
+from dopd.training.rollout import completion_token_classes, rollout_seeds
 from dopd.training.step import make_micro_batches, run_step
 
 
@@ -116,8 +117,16 @@ class Trainer:
         # Sources, data and models are checked and loaded before output_dir is touched, so a bad
         # input never deletes (--overwrite) or half-writes a run.
         self.tokenizer = check_sources(config)
+        check_backend(config.rollout)
         self._load_data(verifier)
         self._build_models()
+        self.rollout_backend = make_backend(
+            config,
+            self.tokenizer,
+            self.vocab_size,
+            self.accelerator.unwrap_model(self.student),
+            self.accelerator,
+        )
         _prepare_output_dir(self.accelerator, self.output_dir, resume, overwrite)
         self.step, self.skipped_steps, self.consecutive_skips = 0, 0, 0
         self.state = TrainingState(self.student, self.optimizer, self.scheduler, self.ema)
@@ -254,6 +263,13 @@ class Trainer:
         )
         if self.step == 0 and loop.eval_every and self.eval_prompts:
             self._log({"eval/accuracy": self.evaluate().accuracy})  # the curves' starting point
+        self._train_until(last, bar)
+        bar.close()
+        if self.step == max_steps:
+            self._save_final_model()
+
+    def _train_until(self, last: int, bar) -> None:
+        loop, max_steps = self.config.loop, self.config.optim.max_steps
         while self.step < last:
             record = self.train_step()
             self.step += 1
@@ -271,9 +287,6 @@ class Trainer:
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-        bar.close()
-        if self.step == max_steps:
-            self._save_final_model()
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns its metrics (the same on every rank)."""
@@ -284,18 +297,10 @@ class Trainer:
         ]
         policy = accelerator.unwrap_model(self.student)
         policy.eval()  # generation: no dropout, no gradient checkpointing
-        rollouts = generate_rollouts(
+        rollouts = self.rollout_backend.generate(
             policy,
             [self.prompts["plain"][i] for i in local],
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            max_completion_length=rollout.max_completion_length,
-            num_generations=rollout.num_generations,
-            temperature=rollout.temperature,
-            top_p=rollout.top_p,
-            top_k=rollout.top_k,
-            row_seeds=rollout_seeds(self.config.seed, self.step, local, rollout.num_generations),
-            vocab_size=self.vocab_size,
+            rollout_seeds(self.config.seed, self.step, local, rollout.num_generations),
         )
         policy.train()
         generated = time.perf_counter()
@@ -317,6 +322,7 @@ class Trainer:
             self.config.optim.micro_batch_size,
             self.tokenizer.pad_token_id,
             token_classes=classes,
+            rollout_log_probs=rollouts.sampled_log_probs,
         )
         loop = self.config.loop
         result = run_step(
@@ -330,6 +336,8 @@ class Trainer:
             vocab_size=self.vocab_size,
         )
         metrics = {**result.metrics, **self._optimizer_step(result.loss)}
+        if not metrics["skipped_step"]:
+            self.rollout_backend.weights_changed()
         if metrics["skipped_step"]:
             self._handle_skip(
                 locate_nonfinite(
@@ -359,6 +367,7 @@ class Trainer:
                 "completion_length": tokens / sequences,
                 "truncated_fraction": truncated / sequences,
                 "time/generation": generated - start,
+                "time/weight_sync": self.rollout_backend.sync_seconds,
                 "time/step": elapsed,
                 "tokens_per_second": metrics["completion_tokens"] / elapsed,
             }
