@@ -17,7 +17,6 @@ student took an optimizer step, so it reloads the student's weights before its n
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -32,11 +31,9 @@ from dopd.errors import DOPDError
 from dopd.training.rollout import Rollouts, finish_rollouts, generate_rollouts
 from dopd.training.vllm_engine import (
     SamplingRequest,
-    build_engine,
+    engine_for,
     engine_generate,
     engine_load_weights,
-    engine_model,
-    engine_settings,
     import_vllm,
     named_weights,
 )
@@ -123,12 +120,7 @@ class VLLMColocateBackend(_VLLMBackend):
 
     def __init__(self, config: TrainConfig, tokenizer, vocab_size: int, student):
         super().__init__(config.rollout, tokenizer, vocab_size)
-        directory, model = engine_model(config, tokenizer, student)
-        try:
-            self.llm = build_engine(engine_settings(config, model, student))
-        finally:  # the engine holds what it needs once built
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+        self.llm = engine_for(config, tokenizer, student)
         self.sleeping = False
 
     def _generate(self, request: SamplingRequest):

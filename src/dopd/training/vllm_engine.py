@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -196,6 +197,17 @@ def engine_model(config: TrainConfig, tokenizer, student) -> tuple[str | None, s
     student.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory, directory
+
+
+def engine_for(config: TrainConfig, tokenizer, student):
+    """A ``vllm.LLM`` over ``config``'s student (``build_engine(engine_settings(...))``); a tiny
+    student's temporary folder is removed once the engine holds the weights."""
+    directory, model = engine_model(config, tokenizer, student)
+    try:
+        return build_engine(engine_settings(config, model, student))
+    finally:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def engine_settings(config: TrainConfig, model: str, student) -> EngineSettings:

@@ -16,7 +16,6 @@ deployment at the paper's scale would move them device to device (NCCL) instead.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -26,11 +25,9 @@ from dopd.config import TrainConfig
 from dopd.modeling.loading import check_sources, load_model
 from dopd.training.vllm_engine import (
     SamplingRequest,
-    build_engine,
+    engine_for,
     engine_generate,
     engine_load_weights,
-    engine_model,
-    engine_settings,
 )
 
 
@@ -40,13 +37,9 @@ def serve_config(config: TrainConfig) -> None:
     before the first rollout."""
     tokenizer = check_sources(config)
     student = load_model(config.student, tokenizer, seed=config.seed, key="student")
-    directory, model = engine_model(config, tokenizer, student)
-    try:
-        llm = build_engine(engine_settings(config, model, student))
-    finally:  # the engine holds what it needs once built
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-    serve(llm, model, config.rollout.vllm_server_host, config.rollout.vllm_server_port)
+    llm = engine_for(config, tokenizer, student)
+    name = config.student.path or "the tiny student"
+    serve(llm, name, config.rollout.vllm_server_host, config.rollout.vllm_server_port)
 
 
 def serve(llm, model: str, host: str, port: int) -> None:
