@@ -62,10 +62,15 @@ def tiny_models(family: str, objective) -> tuple[torch.nn.Module, dict[str, torc
 
 
 def tiny_batches(
-    models: dict, micro_batch_size: int = 4, *, num_classes: int = 0
+    models: dict,
+    micro_batch_size: int = 4,
+    *,
+    num_classes: int = 0,
+    rollout_log_probs: torch.Tensor | None = None,
 ) -> list[step.MicroBatch]:
     """6 rollout rows (one fully masked) of up to 10 tokens; privileged prompts add a hint.
-    With ``num_classes``, each token's class is its id modulo ``num_classes`` (-1 at padding)."""
+    With ``num_classes``, each token's class is its id modulo ``num_classes`` (-1 at padding);
+    ``rollout_log_probs`` (``[6, 10]``) stands for a rollout engine's log-probs."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(4, VOCAB, (6, 10), generator=generator)  # [B, T]
     mask = torch.arange(10) < torch.tensor([10, 3, 7, 0, 10, 5]).unsqueeze(1)  # [B, T]
@@ -83,7 +88,15 @@ def tiny_batches(
         name: value for name, value in prompts.items() if name == "student" or name in models
     }
     classes = (ids % num_classes).masked_fill(~mask, -1) if num_classes else None
-    return make_micro_batches(ids, mask, prompts, micro_batch_size, PAD, token_classes=classes)
+    return make_micro_batches(
+        ids,
+        mask,
+        prompts,
+        micro_batch_size,
+        PAD,
+        token_classes=classes,
+        rollout_log_probs=rollout_log_probs,
+    )
 
 
 def step_results(student, models, objective, batches, **kwargs):
@@ -248,3 +261,45 @@ def test_trainer_takes_the_chunked_path_by_default(tmp_path, monkeypatch):
     ])  # fmt: skip
     metrics = Trainer(config).train_step()
     assert calls and torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def sampled_log_probs_by_hand(student, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each valid completion token's log-prob under ``student``, from one unpadded forward per
+    row of the plain view; returns ``[6, 10]`` log-probs (0 at padding) and the ``[6, 10]`` mask."""
+    rows, masks = [], []
+    for batch in batches:
+        inputs = batch.inputs["student"]
+        for row in range(inputs.input_ids.shape[0]):
+            real = inputs.input_ids[row][inputs.attention_mask[row].bool()]  # [P_r + T_r]
+            valid = batch.completion_mask[row]
+            length = int(valid.sum())
+            log_probs = torch.zeros(valid.shape[0])
+            if length:
+                with torch.no_grad():
+                    logits = student(input_ids=real.unsqueeze(0)).logits[0].float()
+                scores = logits[-length - 1 : -1].log_softmax(-1)  # [T_r, V]
+                log_probs[:length] = scores.gather(-1, real[-length:, None]).squeeze(-1)
+            rows.append(log_probs)
+            masks.append(valid)
+    return torch.stack(rows), torch.stack(masks)
+
+
+@pytest.mark.parametrize("path", ["reference", "chunked"])
+def test_mismatch_metrics_measure_the_engine_log_prob_gap(path):
+    """``mismatch/abs_log_prob_diff`` is the mean ``|log pi_train - log pi_engine|`` and
+    ``mismatch/kl`` the mean ``k3 = e^d - 1 - d`` over valid tokens: an engine whose log-probs
+    are the trainer's shifted by known offsets gives those offsets' statistics."""
+    objective = build_objective("vanilla_opd")
+    student, models = tiny_models("qwen3", objective)
+    train, mask = sampled_log_probs_by_hand(student, tiny_batches(models))
+    offsets = torch.linspace(-0.5, 0.7, train.numel()).reshape(train.shape)
+    engine = (train - offsets).masked_fill(~mask, 0.0)
+    batches = tiny_batches(models, rollout_log_probs=engine)
+    out = run_step(accelerator(), objective, student, models, batches, path=path)
+    delta = offsets[mask].double()
+    # The trainer's log-probs come from padded batches, rounded at their own magnitude.
+    bound = {"ulps": REORDERED, "dtype": torch.float32, "scale": train.abs().max().item()}
+    assert_close(out.metrics["mismatch/abs_log_prob_diff"], delta.abs().mean().item(), **bound)
+    assert_close(out.metrics["mismatch/kl"], (delta.exp() - 1 - delta).mean().item(), **bound)
+    without = run_step(accelerator(), objective, student, models, tiny_batches(models), path=path)
+    assert not any(key.startswith("mismatch/") for key in without.metrics)

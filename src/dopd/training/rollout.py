@@ -194,7 +194,7 @@ class Rollouts:
         sampled_log_probs: ``[B, T]`` float32, the sampling engine's log-probability of each
             sampled token under the model's own distribution (before temperature, top-k and
             top-p), 0 at padding; None when not recorded (greedy decoding). The trainer compares
-            it with its own (``dopd.training.mismatch``).
+            it with its own (the ``mismatch/*`` metrics of ``dopd.training.step``).
     """
 
     completion_ids: Tensor
