@@ -3,7 +3,7 @@
 ``backend: hf`` samples with Hugging Face ``generate`` in the training process
 (``dopd.training.rollout``); ``backend: vllm`` with a vLLM engine, either inside the training
 process (``vllm_mode: colocate``) or in a ``dopd vllm-serve`` process reached over HTTP
-(``vllm_mode: server``) (``dopd.training.vllm``). The ``vllm_*`` names follow TRL's where TRL has
+(``vllm_mode: server``) (``dopd.training.backends``). The ``vllm_*`` names follow TRL's where TRL has
 the option.
 """
 
