@@ -1,13 +1,13 @@
 """The step and loss benches on one GPU, Qwen3-0.6B-shaped random-init models in bf16, one JSON.
 
-    python bench/gpu.py                                    # one H100 80 GB, <= 8 min, no downloads
+    python bench/gpu.py                                    # one H100 80 GB, <= 9 min, no downloads
     python bench/gpu.py --smoke --json /tmp/gpu-smoke.json # the same code paths shrunk, on CPU
 
 Writes ``$OUT/bench-gpu.json`` when ``OUT`` is set, else ``--json`` (default
 ``docs/bench-gpu.json``); the file is rewritten after every section, so a run cut short still
 leaves what it measured. Each section runs in its own subprocess under its own time limit
-(``--step-seconds``, ``--loss-seconds``; 270 + 150 s by default, so the whole run stays under 8
-minutes with model construction and CUDA start-up):
+(``--step-seconds``, ``--rollout-seconds``, ``--loss-seconds``; 240 + 120 + 150 s by default, so
+the whole run stays under 9 minutes with model construction and CUDA start-up):
 
 * ``step`` (``bench/step.py`` on real shapes): one optimizer step of vanilla OPD, Priv.T->S and
   DOPD, a student shaped like Qwen3-0.6B (d 1024, 28 layers, 16 heads, 8 KV heads, head_dim 128,
@@ -15,6 +15,9 @@ minutes with model construction and CUDA start-up):
   the student trains in accelerate's bf16 mixed precision (fp32 master weights, AdamW in fp32),
   the frozen teacher and privileged views are cast to bf16. Median seconds per part over
   ``--steps`` steps after one warm-up, and peak GPU memory.
+* ``rollout``: DOPD's step as in ``step`` with ``rollout.backend`` hf and then vllm (colocate,
+  ``vllm_gpu_memory_utilization`` 0.3): generation time, engine weight-sync time, the mismatch
+  metrics, ``vllm_over_hf_generation``; recorded as skipped where vLLM does not import.
 * ``loss`` (``bench/loss.py``'s inputs and paths): naive three-full-logits DOPD loss vs
   ``chunked_objective_loss`` at V = 151,936, d = 1024, bf16 hidden states and heads; median time
   of forward+backward and peak GPU memory above the inputs, naive skipped where it cannot fit.
@@ -57,6 +60,7 @@ QWEN3_0_6B = {
 QWEN3_1_7B = {**QWEN3_0_6B, "hidden_size": 2048, "intermediate_size": 6144}
 DATA_CHARACTERS = " ()*+,-./0123456789=abcdefghijklmnopqrstuvwxyz\n"
 STEP_PARTS = ("time/generation", "time/scoring", "time/forward_backward", "time/step")
+ENGINE_PARTS = ("time/weight_sync", "mismatch/abs_log_prob_diff", "mismatch/kl")
 OBJECTIVES = ("vanilla_opd", "priv_teacher_opd", "dopd")
 
 
@@ -69,7 +73,7 @@ def settings(smoke: bool) -> dict:
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
-            "head_dim": 16,
+            "head_dim": 32,  # vLLM's CPU attention needs >= 32
             "intermediate_size": 128,
         }
         # The step keeps Qwen3's vocabulary (the widened tokenizer is a code path worth checking).
@@ -88,6 +92,7 @@ def settings(smoke: bool) -> dict:
             "loss_rows": [1024, 2048],
             "chunk_rows_grid": [256],
             "repeats": 1,
+            "vllm_gpu_memory_utilization": 0.3,
         }
     return {
         "device": "cuda",
@@ -104,6 +109,7 @@ def settings(smoke: bool) -> dict:
         "loss_rows": [2048, 4096, 8192, 16384],
         "chunk_rows_grid": [1024, 4096],
         "repeats": 3,
+        "vllm_gpu_memory_utilization": 0.3,
     }
 
 
@@ -138,7 +144,8 @@ def _peak(device: str, baseline: int = 0) -> float | None:
 
 
 # -- step section -------------------------------------------------------------------------------
-def step_config(objective: str, setup: dict, output_dir: Path):
+def step_config(objective: str, setup: dict, output_dir: Path, rollout: dict | None = None):
+    """The step section's run config; ``rollout`` adds keys of the rollout section (backend)."""
     from dopd.config import TrainConfig, from_dict
 
     return from_dict(
@@ -155,6 +162,7 @@ def step_config(objective: str, setup: dict, output_dir: Path):
                 "prompts_per_step": setup["prompts"],
                 "num_generations": setup["generations"],
                 "max_completion_length": setup["length"],
+                **(rollout or {}),
             },
             "optim": {
                 "lr": 1e-5,
@@ -166,13 +174,14 @@ def step_config(objective: str, setup: dict, output_dir: Path):
     )
 
 
-def time_step(objective: str, setup: dict) -> dict:
-    """Median seconds per part over the timed steps (after one warm-up), peak memory, tokens."""
+def time_step(objective: str, setup: dict, rollout: dict | None = None) -> dict:
+    """Median seconds per part over the timed steps (after one warm-up), peak memory, tokens;
+    with the engine's weight-sync time and the mismatch metrics where the backend records them."""
     from dopd.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        trainer = Trainer(step_config(objective, setup, Path(folder)))
+        trainer = Trainer(step_config(objective, setup, Path(folder), rollout))
         for name, model in trainer.models.items():  # frozen views: bf16 weights, no optimizer
             if name != "priv_student" or trainer.config.views.priv_student_weights != "live":
                 model.to(torch.bfloat16)
@@ -184,7 +193,8 @@ def time_step(objective: str, setup: dict) -> dict:
             trainer.step += 1
             if step:
                 records.append(record)
-        result = {part: statistics.median(r[part] for r in records) for part in STEP_PARTS}
+        parts = [part for part in (*STEP_PARTS, *ENGINE_PARTS) if part in records[0]]
+        result = {part: statistics.median(r[part] for r in records) for part in parts}
         result.update(
             {
                 "completion_tokens": statistics.median(r["completion_tokens"] for r in records),
@@ -204,6 +214,34 @@ def run_step_section(setup: dict, results: dict) -> Iterator[None]:
     if all(step.values()):
         results["dopd_over_vanilla"] = step["dopd"] / step["vanilla_opd"]
         results["dopd_over_priv_teacher"] = step["dopd"] / step["priv_teacher_opd"]
+
+
+# -- rollout section ----------------------------------------------------------------------------
+def run_rollout_section(setup: dict, results: dict) -> Iterator[None]:
+    """DOPD's step with ``rollout.backend`` hf and vllm (colocate), the same shapes as ``step``."""
+    try:
+        import vllm  # noqa: F401 - only asks whether the backend can run here
+    except ImportError as error:
+        results["skipped"] = f"vLLM is not importable here ({error}); install dopd[vllm]"
+        yield
+        return
+    backends = {
+        "hf": {"backend": "hf"},
+        "vllm_colocate": {
+            "backend": "vllm",
+            "vllm_mode": "colocate",
+            "vllm_gpu_memory_utilization": setup["vllm_gpu_memory_utilization"],
+        },
+    }
+    for name, rollout in backends.items():
+        results[name] = _guarded(time_step, "dopd", setup, rollout)
+        yield
+    generation = {name: results[name].get("time/generation") for name in backends}
+    if all(generation.values()):
+        results["vllm_over_hf_generation"] = generation["vllm_colocate"] / generation["hf"]
+        results["vllm_over_hf_step"] = (
+            results["vllm_colocate"]["time/step"] / results["hf"]["time/step"]
+        )
 
 
 # -- loss section -------------------------------------------------------------------------------
@@ -342,7 +380,7 @@ def _guarded(function, *args) -> dict:
         return {"error": f"{type(error).__name__}: {error}"[:2000]}
 
 
-SECTIONS = {"step": run_step_section, "loss": run_loss_section}
+SECTIONS = {"step": run_step_section, "rollout": run_rollout_section, "loss": run_loss_section}
 
 
 # -- driver -------------------------------------------------------------------------------------
@@ -381,7 +419,10 @@ def main() -> None:
     )
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument(
-        "--step-seconds", type=int, default=270, help="time limit of the step section"
+        "--step-seconds", type=int, default=240, help="time limit of the step section"
+    )
+    parser.add_argument(
+        "--rollout-seconds", type=int, default=120, help="time limit of the rollout section"
     )
     parser.add_argument(
         "--loss-seconds", type=int, default=150, help="time limit of the loss section"
@@ -405,7 +446,11 @@ def main() -> None:
         "machine": machine(setup["device"]),
         "settings": setup,
     }
-    limits = {"step": args.step_seconds, "loss": args.loss_seconds}
+    limits = {
+        "step": args.step_seconds,
+        "rollout": args.rollout_seconds,
+        "loss": args.loss_seconds,
+    }
     with tempfile.TemporaryDirectory() as folder:
         for name in args.sections:
             section_out = Path(folder) / f"{name}.json"

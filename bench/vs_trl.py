@@ -56,7 +56,7 @@ import transformers
 from datasets import Dataset
 from transformers import TrainerCallback, get_cosine_schedule_with_warmup
 
-import dopd.training.trainer as dopd_trainer
+import dopd.training.backends as dopd_backends
 from dopd.config import TrainConfig, from_dict
 from dopd.io.data import load_examples
 from dopd.modeling.alignment import build_view_inputs, completion_logits, left_pad
@@ -418,8 +418,8 @@ def main() -> None:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
-    # dopd's trainer calls generate_rollouts through its module namespace: time it there, unchanged.
-    dopd_trainer.generate_rollouts = _timed_generate_rollouts
+    # dopd's HF backend calls generate_rollouts through its module namespace: time it there.
+    dopd_backends.generate_rollouts = _timed_generate_rollouts
     with tempfile.TemporaryDirectory() as folder:
         ours = {
             name: Trainer(dopd_config(extra, args, Path(folder) / name))

@@ -180,7 +180,7 @@ def kill_somewhere(
 
 def check_published(output_dir: Path) -> None:
     """Every published checkpoint must verify: a kill may only leave .tmp- leftovers."""
-    from dopd.training.checkpoint import checkpoint_dir, verify_checkpoint
+    from dopd.training.checkpoint_files import checkpoint_dir, verify_checkpoint
 
     for step in published(output_dir):
         if (reason := verify_checkpoint(checkpoint_dir(output_dir, step))) is not None:

@@ -23,16 +23,19 @@ from dopd.config import load_config
 from dopd.errors import DOPDError
 from dopd.io.atomic import publishing, replacing
 from dopd.training.checkpoint import (
-    MANIFEST,
     _flatten_optimizer,
     _unflatten_optimizer,
-    checkpoint_dir,
-    latest_checkpoint,
     load_checkpoint,
     require_support,
+)
+from dopd.training.checkpoint_files import (
+    MANIFEST,
+    checkpoint_dir,
+    latest_checkpoint,
     verify_checkpoint,
 )
-from dopd.training.trainer import Trainer, _truncate_metrics
+from dopd.training.run_dir import truncate_metrics
+from dopd.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY, DATA = str(ROOT / "configs" / "tiny.yaml"), str(ROOT / "configs" / "data" / "tiny.jsonl")
@@ -116,7 +119,8 @@ def test_round_trip_restores_every_part_bit_for_bit(tmp_path):
 def test_a_checkpoint_is_safetensors_and_json_only(trained):
     checkpoint = checkpoint_dir(trained, 2)
     files = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()}
-    assert {
+    # The student is stored once (no Hugging Face copy beside student.safetensors).
+    assert files == {
         "manifest.json",
         "trainer_state.json",
         "student.safetensors",
@@ -125,9 +129,7 @@ def test_a_checkpoint_is_safetensors_and_json_only(trained):
         "scheduler.json",
         "rng.safetensors",
         "ema.safetensors",
-        "model/config.json",
-        "model/model.safetensors",
-    } <= files
+    }
     for name in files:  # each parses as what its name says; no torch.save zip or bare pickle
         if name.endswith(".safetensors"):
             load_file(str(checkpoint / name))
@@ -136,7 +138,8 @@ def test_a_checkpoint_is_safetensors_and_json_only(trained):
         else:
             assert not (checkpoint / name).read_bytes().startswith((b"PK\x03\x04", b"\x80")), name
     manifest = json.loads((checkpoint / MANIFEST).read_text())
-    assert manifest["step"] == 2 and set(manifest["files"]) == files - {MANIFEST}
+    assert manifest["step"] == 2 and manifest["shards"] is None
+    assert set(manifest["files"]) == files - {MANIFEST}
     assert verify_checkpoint(checkpoint) is None
 
 
@@ -184,7 +187,7 @@ CORRUPTIONS = {
     "flipped byte": ("optimizer.safetensors", _flip_byte, "sha256"),
     "missing manifest": (MANIFEST, Path.unlink, "manifest.json is missing"),
     "torn manifest": (MANIFEST, _truncate, "manifest.json is unreadable"),
-    "missing file": ("model/model.safetensors", Path.unlink, "model/model.safetensors is missing"),
+    "missing file": ("rng.safetensors", Path.unlink, "rng.safetensors is missing"),
     "wrong size": ("scheduler.json", lambda p: p.write_text(p.read_text() + " "), "bytes"),
 }
 
@@ -260,10 +263,10 @@ def test_metrics_truncation_drops_later_steps_and_a_torn_line(tmp_path, capsys):
     path.write_text(
         "".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo'
     )
-    _truncate_metrics(path, 3)
+    truncate_metrics(path, 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     assert path.read_text().endswith("\n") and "unreadable" in capsys.readouterr().err
-    _truncate_metrics(path, 2)
+    truncate_metrics(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
@@ -281,11 +284,12 @@ def test_optimizer_state_round_trips_through_tensors_and_json(seed):
     _assert_same(state, restored)
 
 
-def test_sharded_runs_are_refused():
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+def test_engines_with_their_own_state_are_refused():
+    for kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         with pytest.raises(DOPDError, match="launch with DDP"):
             require_support(SimpleNamespace(distributed_type=kind))
-    require_support(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    for kind in (DistributedType.FSDP, DistributedType.MULTI_CPU, DistributedType.NO):
+        require_support(SimpleNamespace(distributed_type=kind))
 
 
 def _stress_module():

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from dopd.cli import main
@@ -99,13 +100,18 @@ def test_train_writes_one_metrics_line_per_step(run_dir):
 def test_train_writes_checkpoint_and_final_model(run_dir):
     checkpoint = run_dir / "checkpoints" / f"step-{STEPS:06d}"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == STEPS
-    checkpoint_weights = load_file(checkpoint / "model" / "model.safetensors")
+    checkpoint_weights = load_file(checkpoint / "student.safetensors")
+    assert not (checkpoint / "model").exists()  # the student is stored once per checkpoint
     final = sorted((run_dir / "model").glob("*.safetensors"))
     assert final, "no safetensors weights in output_dir/model"
     final_weights = {k: v for path in final for k, v in load_file(path).items()}
-    # The final model is the model of the last checkpoint.
+    # The final model is the model of the last checkpoint (the tiny config trains in float32).
+    # The tied head and embedding are one tensor, kept under either name.
+    tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    final_weights = {tied.get(k, k): v for k, v in final_weights.items()}
+    checkpoint_weights = {tied.get(k, k): v for k, v in checkpoint_weights.items()}
     assert final_weights.keys() == checkpoint_weights.keys()
-    assert all((final_weights[k] == checkpoint_weights[k]).all() for k in final_weights)
+    assert all(torch.equal(final_weights[k], checkpoint_weights[k]) for k in final_weights)
 
 
 def test_train_refuses_a_non_empty_output_dir(run_dir, capsys):

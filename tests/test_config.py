@@ -120,6 +120,23 @@ def test_defaults_follow_the_documented_schema():
             "loss_chunk_rows": 1024,
         },
         "eval": {"max_examples": 64, "verifier": "exact", "max_new_tokens": 64},
+        "checkpoint": {"save_total_limit": 0},
+        "peft": {
+            "enabled": False,
+            "r": 16,
+            "alpha": 32.0,
+            "dropout": 0.0,
+            "target_modules": [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+            "export": "merged",
+        },
     }
     config = load()
     assert config_to_dict(config) == expected
@@ -150,7 +167,7 @@ def section_classes(cls: type = TrainConfig) -> list[type]:
 
 def test_every_field_has_help_and_sections_are_frozen_and_keyword_only():
     classes = section_classes()
-    assert len(classes) == 10  # TrainConfig, ModelSpec and the eight other sections
+    assert len(classes) == 12  # TrainConfig, ModelSpec and the ten other sections
     for cls in classes:
         assert cls.__dataclass_params__.frozen, cls
         assert all(f.kw_only for f in fields(cls)), cls
@@ -221,7 +238,7 @@ def test_saved_config_loads_back_equal(tmp_path, overrides):
     assert yaml.safe_load(path.read_text()) == config_to_dict(config)  # plain YAML for any reader
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", *sorted(REAL_CONFIGS)])
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny-lora.yaml", *sorted(REAL_CONFIGS)])
 def test_shipped_configs_round_trip(tmp_path, name):
     config = load_config(REPO / "configs" / name)
     save_config(config, tmp_path / "config.yaml")

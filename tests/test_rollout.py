@@ -1,6 +1,6 @@
 """Tests of dopd.training.rollout (hash uniforms, exact inverse-CDF sampling, batch-invariant
 rollouts, token classes) and of
-dopd.training.trainer.PromptSampler (the per-step prompt schedule)."""
+dopd.training.rollout.PromptSampler (the per-step prompt schedule)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dopd.errors import ConfigError, DOPDError
 from dopd.training import rollout as rollout_module
 from dopd.training.rollout import (
     HashInverseCDFSampler,
+    PromptSampler,
     Rollouts,
     completion_token_classes,
     generate_rollouts,
@@ -23,7 +24,6 @@ from dopd.training.rollout import (
     rollout_logits_processors,
     rollout_seeds,
 )
-from dopd.training.trainer import PromptSampler
 from tests.tiny_models import arithmetic_tokenizer
 from tests.tolerance import tolerance
 

@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
+from dopd.config.checkpoint import CheckpointConfig
 from dopd.config.loading import (
     BOOLS,
     apply_override,
@@ -29,6 +30,7 @@ from dopd.config.loading import (
     join_key,
     read_yaml,
 )
+from dopd.config.peft import PeftConfig
 from dopd.config.rollout import RolloutConfig
 from dopd.errors import (
     ConfigError,
@@ -44,12 +46,14 @@ from dopd.objectives.chunked import DEFAULT_CHUNK_ROWS
 from dopd.objectives.registry import ObjectiveSpec, get_spec
 
 __all__ = [
+    "CheckpointConfig",
     "DataConfig",
     "EvalConfig",
     "LoopConfig",
     "ModelSpec",
     "ObjectiveConfig",
     "OptimConfig",
+    "PeftConfig",
     "RolloutConfig",
     "TokenizerSpec",
     "TrainConfig",
@@ -397,6 +401,12 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, metadata=doc("optimizer and schedule"))
     loop: LoopConfig = field(default_factory=LoopConfig, metadata=doc("precision and cadence"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc("periodic evaluation"))
+    checkpoint: CheckpointConfig = field(
+        default_factory=CheckpointConfig, metadata=doc("how many checkpoints to keep")
+    )
+    peft: PeftConfig = field(
+        default_factory=PeftConfig, metadata=doc("LoRA adapters on the student (optional extra)")
+    )
 
     def __post_init__(self) -> None:
         require_str("output_dir", self.output_dir)
@@ -419,6 +429,11 @@ class TrainConfig:
             raise ConfigError(
                 f"loop.eval_every={self.loop.eval_every} needs held-out data; "
                 "set data.eval or loop.eval_every=0"
+            )
+        if self.peft.enabled and self.rollout.backend == "vllm":
+            raise ConfigError(
+                "peft.enabled=True with rollout.backend='vllm': LoRA students are not supported "
+                "by the vllm backend yet; fix: set rollout.backend=hf or peft.enabled=false"
             )
 
     @property

@@ -3,8 +3,8 @@
 ``backend: hf`` samples with Hugging Face ``generate`` in the training process
 (``dopd.training.rollout``); ``backend: vllm`` with a vLLM engine, either inside the training
 process (``vllm_mode: colocate``) or in a ``dopd vllm-serve`` process reached over HTTP
-(``vllm_mode: server``) (``dopd.training.backends``). The ``vllm_*`` names follow TRL's where TRL has
-the option.
+(``vllm_mode: server``) (``dopd.training.backends``). The ``vllm_*`` names follow TRL's where TRL
+has the option.
 """
 
 from __future__ import annotations

@@ -78,16 +78,22 @@ def publishing(target: Path, temp: Path | None = None) -> Iterator[Path]:
     temp.mkdir(parents=True)
     try:
         yield temp
-        sync_tree(temp)
-        old = temp_path(target.with_name(target.name + "-replaced"))
-        if target.exists():
-            os.rename(target, old)
-        os.rename(temp, target)
-        fsync_path(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        publish(temp, target)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def publish(temp: Path, target: Path) -> None:
+    """Sync the finished folder ``temp`` and rename it to ``target`` (``publishing``'s last step,
+    for a folder that several processes filled)."""
+    sync_tree(temp)
+    old = temp_path(target.with_name(target.name + "-replaced"))
+    if target.exists():
+        os.rename(target, old)
+    os.rename(temp, target)
+    fsync_path(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sync_tree(root: Path) -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from dopd.errors import DOPDError
+from dopd.modeling.peft import peft_base
 from dopd.objectives.views import ViewHead
 
 
@@ -221,12 +222,14 @@ LOGIT_TRANSFORMS = {
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP-style (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    """The model inside DDP-style (``.module``), ``torch.compile`` (``._orig_mod``) and LoRA
+    (``dopd.modeling.peft``) wrappers: what names the forward's arguments and holds the head."""
     for name in ("module", "_orig_mod"):
         inner = getattr(model, name, None)
         if isinstance(inner, torch.nn.Module):
             return unwrapped(inner)
-    return model
+    inner = peft_base(model)
+    return model if inner is None else unwrapped(inner)
 
 
 def output_head_problem(model: torch.nn.Module) -> str | None:

@@ -29,6 +29,7 @@ from dopd.config import TrainConfig
 from dopd.config.rollout import RolloutConfig
 from dopd.errors import DOPDError
 from dopd.training.rollout import Rollouts, finish_rollouts, generate_rollouts
+from dopd.training.shards import is_sharded
 from dopd.training.vllm_engine import (
     SamplingRequest,
     engine_for,
@@ -63,6 +64,7 @@ class HFBackend:
             vocab_size=self.vocab_size,
             generation_batch_size=rollout.generation_batch_size,
             record_log_probs=True,
+            synced=is_sharded(policy),
         )
 
     def weights_changed(self) -> None:

@@ -1,58 +1,69 @@
 """Checkpoints that load without unpickling anything, written atomically and verified on resume.
 
     output_dir/checkpoints/step-000050/
-      manifest.json          written last: format, version, step, and every other file's
-                             relative path, size in bytes and sha256
-      trainer_state.json     {"step": 50, "world_size": 2}
-      student.safetensors    the student's weights as trained (fp32 master copy)
+      manifest.json          written last: format, version, step, shard count, and every other
+                             file's relative path, size in bytes and sha256
+      trainer_state.json     {"step": 50, "world_size": 2, "shards": null}
+      student.safetensors    the student's weights as trained (master dtype), stored once
       optimizer.safetensors  every tensor of the optimizer state ("state.<param>.<name>")
       optimizer.json         the rest of it: param_groups (lr, betas, ...) and which tensor is which
       scheduler.json         the LR scheduler's state_dict (LambdaLR: last_epoch, base_lrs, ...)
       rng.safetensors        every rank's torch CPU (and CUDA) generator state
       ema.safetensors        the EMA privileged student (views.priv_student_weights=ema only)
       scaler.json            the fp16 loss scaler (loop.mixed_precision=fp16 only)
-      model/                 the student in Hugging Face format with the tokenizer (dopd eval)
 
-A checkpoint is built in ``checkpoints/.tmp-step-000050-<pid>/``, every file and folder is
-fsynced, and the folder is renamed into place (``dopd.io.atomic.publishing``); a kill at any moment
-leaves either a complete checkpoint or a ``.tmp-`` folder that resume deletes. ``--resume`` takes
-the newest checkpoint whose manifest checks out and names every one it skips, and why.
+A sharded student (FSDP2: its parameters are ``DTensor``s) is stored as each rank's own slice:
+``student.rank00000.safetensors``, ``optimizer.rank00000.safetensors`` + ``.json`` per rank, and
+``shards.json`` (each sharded tensor's full shape and placements); every rank writes its own files
+(``dopd.training.shards``) and the run resumes with the same number of processes. The student is
+stored once: its Hugging Face export is written at the end of a run (``save_final_model``), not
+into every checkpoint.
 
-Only the main process writes; every process loads. That is complete under DDP and multi-CPU,
-where every rank holds the same weights and optimizer state. FSDP and DeepSpeed shard that state,
-which this format does not gather: ``require_support`` refuses them.
+A checkpoint is built in ``checkpoints/.tmp-step-000050/``, every file and folder is fsynced, and
+the folder is renamed into place by the main process (``dopd.io.atomic.publish``) once every rank
+has written; a kill at any moment leaves either a complete checkpoint or a ``.tmp-`` folder that
+resume deletes. ``--resume`` takes the newest checkpoint whose manifest checks out and names every
+one it skips, and why. DeepSpeed and Megatron-LM keep state this format does not read:
+``require_support`` refuses them.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import sys
-from collections.abc import Callable
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast
+from accelerate.utils import DistributedType, broadcast
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from dopd.errors import DOPDError
-from dopd.io.atomic import publishing, remove_temporaries, sha256_file
-from dopd.training.distributed import SHARDED
-
-FORMAT, VERSION = "dopd-checkpoint", 1
-MANIFEST, STATE_FILE = "manifest.json", "trainer_state.json"
-REQUIRED = (
+from dopd.io.atomic import TEMP_PREFIX, publish, publishing
+from dopd.training.checkpoint_files import (
+    LAYOUT,
     STATE_FILE,
-    "student.safetensors",
-    "optimizer.safetensors",
-    "optimizer.json",
-    "scheduler.json",
-    "rng.safetensors",
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    write_json,
+    write_manifest,
 )
-_STEP_NAME = re.compile(r"step-(\d+)")
+from dopd.training.shards import (
+    full_state,
+    is_sharded,
+    layout,
+    like,
+    load_local_,
+    local,
+    parameters_by_index,
+)
+
+# Engines whose state lives outside the module and optimizer this format reads.
+UNSUPPORTED = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
 @dataclass
@@ -66,94 +77,148 @@ class TrainingState:
     ema: torch.nn.Module | None = None
 
 
-def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"step-{step:06d}"
-
-
 def require_support(accelerator: Accelerator) -> None:
-    """Raise unless the main process's state is the whole training state (no sharding)."""
-    if accelerator.distributed_type in SHARDED:
+    """Raise for engines whose training state this format cannot hold (DeepSpeed, Megatron-LM)."""
+    if accelerator.distributed_type in UNSUPPORTED:
         raise DOPDError(
-            f"checkpoints need every rank to hold the full student and optimizer state, but this "
-            f"run uses {accelerator.distributed_type.value}, which shards them; launch with DDP "
-            "(accelerate launch --multi_gpu) instead"
+            f"checkpoints hold a torch module and optimizer, each rank's slice under FSDP2, but "
+            f"this run uses {accelerator.distributed_type.value}, which keeps its own state; "
+            "launch with DDP (accelerate launch --multi_gpu) or FSDP2 "
+            "(configs/accelerate/fsdp2.yaml) instead"
         )
 
 
 # -- writing ---------------------------------------------------------------------------------
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | Path, step: int, state: TrainingState, tokenizer
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    state: TrainingState,
+    *,
+    save_total_limit: int = 0,
 ) -> Path:
     """Atomically write the full state after ``step`` optimizer steps; returns the folder.
 
-    Every rank must call it (the RNG states are gathered); only the main process writes.
+    Every rank must call it (the RNG states are gathered). A sharded student's ranks each write
+    their own slice; the main process writes the rest and the manifest, publishes the folder, then
+    deletes older checkpoints beyond ``save_total_limit`` (0: none; ``prune_checkpoints``).
     """
     require_support(accelerator)
     rng = _gathered_rng(accelerator)
     path = checkpoint_dir(output_dir, step)
+    # One name every rank agrees on; the run lock keeps other writers out of output_dir.
+    temp = path.parent / f"{TEMP_PREFIX}{path.name}"
+    model = accelerator.unwrap_model(state.model)
+    # None: one whole student; N: N ranks each hold a slice (FSDP2; N may be 1).
+    shards = accelerator.num_processes if is_sharded(model) else None
     if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with publishing(path) as temp:
-            _write_state(accelerator, temp, step, state, rng)
-            _write_hf_model(accelerator.unwrap_model(state.model), tokenizer, temp / "model")
-            write_manifest(temp, step)
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        if shards is not None or accelerator.is_main_process:
+            suffix = "" if shards is None else f".rank{accelerator.process_index:05d}"
+            _write_model_and_optimizer(temp, suffix, model, state.optimizer)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if shards is not None:
+                write_json(temp / LAYOUT, layout(model.state_dict()))
+            _write_state(accelerator, temp, step, state, rng, shards)
+            write_manifest(temp, step, shards)
+            publish(temp, path)
+            prune_checkpoints(output_dir, save_total_limit, step=step)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(temp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return path
 
 
 def save_final_model(
-    accelerator: Accelerator, model: torch.nn.Module, tokenizer, target: Path
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer,
+    target: Path,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Atomically write ``model`` (HF format) and ``tokenizer`` to ``target``, replacing it."""
+    """Atomically write ``model`` (HF format, floating tensors cast to ``dtype`` when given) and
+    ``tokenizer`` to ``target``, replacing it. Every rank must call it: a sharded student is
+    gathered whole onto the main process first (torch's ``get_model_state_dict``)."""
+    unwrapped = accelerator.unwrap_model(model)
+    state = full_state(unwrapped) if is_sharded(unwrapped) else None
     if accelerator.is_main_process:
         with publishing(target) as temp:
-            _write_hf_model(accelerator.unwrap_model(model), tokenizer, temp)
+            _write_hf_model(unwrapped, tokenizer, temp, state, dtype)
     accelerator.wait_for_everyone()
 
 
-def _write_hf_model(model: torch.nn.Module, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+def _write_hf_model(
+    model: torch.nn.Module,
+    tokenizer,
+    folder: Path,
+    state: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    if dtype is not None:
+        state = {
+            name: value.to(dtype) if value.is_floating_point() else value
+            for name, value in (state if state is not None else model.state_dict()).items()
+        }
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state)
+    if dtype is not None:
+        # save_pretrained records the live parameters' dtype; the files hold ``dtype``.
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        write_json(folder / "config.json", config)
     tokenizer.save_pretrained(folder)
 
 
+def _write_model_and_optimizer(folder: Path, suffix: str, model: torch.nn.Module, optimizer):
+    """This rank's student tensors and optimizer state (local slices when sharded)."""
+    if is_sharded(model):
+        save_file(
+            {name: local(value) for name, value in _untied_state(model).items()},
+            str(folder / f"student{suffix}.safetensors"),
+        )
+    else:
+        # save_model, unlike save_file, drops the duplicate names of tied weights (embeddings/head).
+        save_model(model, str(folder / f"student{suffix}.safetensors"))
+    tensors, structure = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(folder / f"optimizer{suffix}.safetensors"))
+    write_json(folder / f"optimizer{suffix}.json", structure)
+
+
+def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with a tensor shared by several names (tied embeddings and head)
+    under its first name only."""
+    seen, kept = set(), {}
+    for name, value in model.state_dict().items():
+        key = local(value).data_ptr()
+        if key not in seen or local(value).numel() == 0:
+            seen.add(key)
+            kept[name] = value
+    return kept
+
+
 def _write_state(
-    accelerator: Accelerator, folder: Path, step: int, state: TrainingState, rng: dict
+    accelerator: Accelerator,
+    folder: Path,
+    step: int,
+    state: TrainingState,
+    rng: dict,
+    shards: int | None,
 ) -> None:
-    # save_model, unlike save_file, drops the duplicate names of tied weights (embeddings/head).
-    save_model(accelerator.unwrap_model(state.model), str(folder / "student.safetensors"))
-    tensors, structure = _flatten_optimizer(state.optimizer.state_dict())
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    _write_json(folder / "optimizer.json", structure)
-    _write_json(folder / "scheduler.json", state.scheduler.state_dict())
+    write_json(folder / "scheduler.json", state.scheduler.state_dict())
     save_file(rng, str(folder / "rng.safetensors"))
     if state.ema is not None:
         save_model(state.ema, str(folder / "ema.safetensors"))
     if accelerator.scaler is not None:
-        _write_json(folder / "scaler.json", accelerator.scaler.state_dict())
-    _write_json(folder / STATE_FILE, {"step": step, "world_size": accelerator.num_processes})
-
-
-def write_manifest(folder: Path, step: int) -> None:
-    """List every file under ``folder`` with its size and sha256 in ``folder/manifest.json``."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in files
-    }
-    _write_json(
-        folder / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": entries}
+        write_json(folder / "scaler.json", accelerator.scaler.state_dict())
+    write_json(
+        folder / STATE_FILE,
+        {"step": step, "world_size": accelerator.num_processes, "shards": shards},
     )
-
-
-def _write_json(path: Path, value: Any) -> None:
-    try:
-        text = json.dumps(value, indent=1)
-    except TypeError as error:
-        raise DOPDError(
-            f"cannot write {path.name} of a checkpoint: {error}; "
-            "its state must hold only numbers, strings, lists and tensors"
-        ) from None
-    path.write_text(text, encoding="utf-8")
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -163,7 +228,7 @@ def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]
         state[str(index)] = {}
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value.detach().contiguous()
+                tensors[f"state.{index}.{name}"] = local(value)
                 state[str(index)][name] = {"tensor": f"state.{index}.{name}"}
             else:
                 state[str(index)][name] = {"value": value}
@@ -212,96 +277,7 @@ def _gathered_rng(accelerator: Accelerator) -> dict[str, torch.Tensor]:
     return states
 
 
-# -- finding and verifying -------------------------------------------------------------------
-def verify_checkpoint(path: str | Path) -> str | None:
-    """None if the checkpoint at ``path`` is complete and intact, else what is wrong with it."""
-    path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return (
-            f"{MANIFEST} is missing (the write was interrupted, "
-            "or the checkpoint predates dopd's manifest format)"
-        )
-    except (OSError, ValueError) as error:
-        return f"{MANIFEST} is unreadable ({error})"
-    if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (
-        FORMAT,
-        VERSION,
-    ):
-        return f"{MANIFEST} is not a {FORMAT} version {VERSION} manifest"
-    files, match = manifest.get("files"), _STEP_NAME.fullmatch(path.name)
-    if match and manifest.get("step") != int(match.group(1)):
-        return (
-            f"{MANIFEST} says step {manifest.get('step')!r}, "
-            f"the folder name says {int(match.group(1))}"
-        )
-    if not isinstance(files, dict) or (absent := [name for name in REQUIRED if name not in files]):
-        return (
-            f"{MANIFEST} does not list "
-            f"{', '.join(absent) if isinstance(files, dict) else 'any files'}"
-        )
-    for name, entry in files.items():
-        if (reason := _verify_file(path, name, entry)) is not None:
-            return reason
-    return None
-
-
-def _verify_file(root: Path, name: str, entry: Any) -> str | None:
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        return f"{MANIFEST} lists {name!r}, outside the checkpoint"
-    if (
-        not isinstance(entry, dict)
-        or not isinstance(entry.get("size"), int)
-        or not isinstance(entry.get("sha256"), str)
-    ):
-        return f"{MANIFEST} entry of {name} is malformed: {entry!r}"
-    file = root / name
-    if not file.is_file():
-        return f"{name} is missing"
-    if (size := file.stat().st_size) != entry["size"]:
-        return (
-            f"{name} has {size} bytes, {MANIFEST} says {entry['size']} (truncated or overwritten)"
-        )
-    if sha256_file(file) != entry["sha256"]:
-        return f"{name} does not match its sha256 in {MANIFEST} (corrupted)"
-    return None
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Every ``checkpoints/step-N`` folder, newest (highest N) first, valid or not."""
-    root = Path(output_dir) / "checkpoints"
-    found = (
-        [p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir()]
-        if root.is_dir()
-        else []
-    )
-    return sorted(found, key=lambda p: int(_STEP_NAME.fullmatch(p.name).group(1)), reverse=True)
-
-
-def latest_checkpoint(
-    output_dir: str | Path, report: Callable[[str], None] = _stderr
-) -> Path | None:
-    """The newest checkpoint that passes ``verify_checkpoint``, or None; each one skipped on the
-    way is reported as one line (which checkpoint, what is wrong)."""
-    for path in list_checkpoints(output_dir):
-        if (reason := verify_checkpoint(path)) is None:
-            return path
-        report(f"warning: skipping checkpoint {path}: {reason}")
-    return None
-
-
 # -- resuming --------------------------------------------------------------------------------
-def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
-    """Delete what killed writers left (``.tmp-*`` under output_dir and its checkpoints/)."""
-    output_dir = Path(output_dir)
-    return remove_temporaries(output_dir) + remove_temporaries(output_dir / "checkpoints")
-
-
 def load_latest_checkpoint(
     accelerator: Accelerator, output_dir: str | Path, state: TrainingState
 ) -> int:
@@ -334,12 +310,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainingState) 
     """Restore ``state`` (and this rank's RNG) from the checkpoint at ``path``; returns its step."""
     try:
         meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        load_model(accelerator.unwrap_model(state.model), str(path / "student.safetensors"))
-        structure = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        state.optimizer.load_state_dict(
-            _unflatten_optimizer(tensors, structure, state.optimizer.state_dict()["param_groups"])
-        )
+        _load_model_and_optimizer(accelerator, path, meta, state)
         state.scheduler.load_state_dict(
             json.loads((path / "scheduler.json").read_text(encoding="utf-8"))
         )
@@ -356,6 +327,36 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainingState) 
         ) from error
     _restore_rng(accelerator, load_file(str(path / "rng.safetensors")), meta.get("world_size"))
     return int(meta["step"])
+
+
+def _load_model_and_optimizer(
+    accelerator: Accelerator, path: Path, meta: dict, state: TrainingState
+) -> None:
+    model = accelerator.unwrap_model(state.model)
+    shards, sharded = meta.get("shards"), is_sharded(model)
+    if (shards is not None) != sharded or (sharded and shards != accelerator.num_processes):
+        raise ValueError(
+            f"it holds the student {'whole' if shards is None else f'in {shards} shard(s)'}, "
+            "this run "
+            + (f"shards it over {accelerator.num_processes} ranks" if sharded else "is unsharded")
+            + "; resume with the launch config (and number of processes) that wrote it"
+        )
+    suffix = "" if shards is None else f".rank{accelerator.process_index:05d}"
+    if sharded:
+        load_local_(
+            _untied_state(model), load_file(str(path / f"student{suffix}.safetensors")), "student"
+        )
+    else:
+        load_model(model, str(path / "student.safetensors"))
+    structure = json.loads((path / f"optimizer{suffix}.json").read_text(encoding="utf-8"))
+    params = parameters_by_index(state.optimizer.param_groups)
+    tensors = {
+        name: like(value, params[int(name.split(".")[1])])
+        for name, value in load_file(str(path / f"optimizer{suffix}.safetensors")).items()
+    }
+    state.optimizer.load_state_dict(
+        _unflatten_optimizer(tensors, structure, state.optimizer.state_dict()["param_groups"])
+    )
 
 
 def _restore_rng(

@@ -81,6 +81,11 @@ class EvalResult:
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
+    def first(self, count: int) -> EvalResult:
+        """The result of the first ``count`` prompts alone."""
+        samples = self.samples[:count]
+        return EvalResult(sum(s["correct"] for s in samples), len(samples), samples)
+
 
 @torch.no_grad()
 def evaluate(
@@ -92,8 +97,10 @@ def evaluate(
     verifier,
     max_new_tokens: int,
     batch_size: int = 16,
+    synced: bool = False,
 ) -> EvalResult:
-    """Greedy completions of ``prompt_ids`` scored against ``answers`` by ``verifier``."""
+    """Greedy completions of ``prompt_ids`` scored against ``answers`` by ``verifier``;
+    ``synced`` as in ``generate_rollouts`` (then every rank must pass as many prompts)."""
     was_training = model.training
     model.eval()
     result = EvalResult(0, 0)
@@ -104,6 +111,7 @@ def evaluate(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             max_completion_length=max_new_tokens,
+            synced=synced,
         )
         for row, answer in zip(rollouts.completion_ids, answers[start : start + batch_size]):
             text = tokenizer.decode(row, skip_special_tokens=True)

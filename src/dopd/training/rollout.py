@@ -271,6 +271,7 @@ def generate_rollouts(
     vocab_size: int | None = None,
     generation_batch_size: int = 0,
     record_log_probs: bool = False,
+    synced: bool = False,
 ) -> Rollouts:
     """Sample ``num_generations`` completions per prompt with HF ``generate`` (greedy when
     ``row_seeds`` is None).
@@ -284,6 +285,9 @@ def generate_rollouts(
         generation_batch_size: rows per ``generate`` call (bounds the KV cache); 0 = all at once.
             The completions do not depend on it: each row's draws are keyed by its seed.
         record_log_probs: fill ``Rollouts.sampled_log_probs`` (sampling only).
+        synced: every rank keeps running forwards until all ranks' rows are done (``generate``'s
+            ``synced_gpus``). A sharded (FSDP2) model needs it: each forward gathers parameters
+            from every rank, so all ranks must take the same number of decoding steps.
 
     Returns:
         ``Rollouts`` with ``B = P * num_generations`` rows, prompt-major.
@@ -315,6 +319,7 @@ def generate_rollouts(
             attention_mask=attention_mask,
             generation_config=config,
             logits_processor=processors,
+            synced_gpus=synced,
         )
         completions.append(output[:, input_ids.shape[1] :])  # [b, T_chunk]
         sampler = processors[-1] if processors else None
@@ -382,3 +387,23 @@ def completion_token_classes(
         positions = [t for t, keep in enumerate(valid) if keep]
         classes[row, positions] = torch.tensor([index[role] for role in roles], dtype=torch.long)
     return classes.to(rollouts.completion_ids.device)
+
+
+class PromptSampler:
+    """Which dataset prompts step ``s`` trains on: a seeded permutation per epoch, walked in
+    order, so the schedule depends only on ``(seed, step)`` (resumable, rank-independent)."""
+
+    def __init__(self, num_prompts: int, prompts_per_step: int, seed: int):
+        self.num_prompts, self.prompts_per_step, self.seed = num_prompts, prompts_per_step, seed
+
+    def indices(self, step: int) -> torch.Tensor:
+        """``[prompts_per_step]`` long dataset indices of step ``step``."""
+        positions = step * self.prompts_per_step + torch.arange(self.prompts_per_step)
+        epochs, offsets = positions // self.num_prompts, positions % self.num_prompts
+        orders = {
+            int(e): torch.randperm(
+                self.num_prompts, generator=torch.Generator().manual_seed(self.seed * 7919 + int(e))
+            )
+            for e in epochs.unique()
+        }
+        return torch.stack([orders[int(e)][o] for e, o in zip(epochs, offsets)])

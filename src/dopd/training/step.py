@@ -17,8 +17,9 @@ Two loss paths give the same results (tests/test_step.py):
   costs only its own rows;
 * ``reference``: ``[b, T, V]`` logits of every view and ``objective_loss``. ``auto`` falls back
   to it when a model's logits are not its hidden states times its head weight (no exposed
-  ``torch.nn.Linear`` head, a head bias, logit soft-capping or scaling) or parameters are
-  sharded (FSDP, DeepSpeed).
+  ``torch.nn.Linear`` head, a head bias, logit soft-capping or scaling) or the engine splits the
+  head's weight even inside a forward (DeepSpeed, Megatron-LM, FSDP1). Under FSDP2 the chunked
+  path captures the gathered head weight during the forward and is exact (tests/test_shards.py).
 
 Both paths score the common vocabulary ``vocab_size``
 (``dopd.modeling.loading.common_vocabulary``): a padded head's logits, or its weight's rows, are
@@ -61,7 +62,7 @@ from dopd.objectives.views import (
     compute_dtype,
     entropy_and_sampled_logp,
 )
-from dopd.training.distributed import SHARDED, gather_rows, sum_across
+from dopd.training.distributed import gather_rows, head_split_reason, sum_across
 
 
 @dataclass
@@ -174,9 +175,8 @@ def choose_path(
 def _chunked_problem(
     accelerator: Accelerator, student: torch.nn.Module, models: dict[str, torch.nn.Module]
 ) -> str | None:
-    # Sharded parameters: the head weight is not whole outside the forward.
-    if accelerator.distributed_type in SHARDED:
-        return f"distributed_type={accelerator.distributed_type} shards the parameters"
+    if (reason := head_split_reason(accelerator)) is not None:
+        return reason
     for name, model in {"student": accelerator.unwrap_model(student), **models}.items():
         if (problem := output_head_problem(model)) is not None:
             return f"the {name} model: {problem}"

@@ -1,84 +1,77 @@
 """The on-policy distillation trainer: rollouts from the current student, three-view scoring,
 one exact optimizer step, metrics, evaluation and checkpoints, on accelerate.
 
-The same code runs on 1 CPU, 1 GPU and multi-GPU DDP (FSDP and DeepSpeed are refused: the
-checkpoint format saves unsharded state from the main process): launch it with
-``accelerate launch [--config_file ...] -m dopd.cli train --config ...``.
+The same code runs on 1 CPU, 1 GPU, multi-GPU DDP and FSDP2 (DeepSpeed is refused): launch it
+with ``accelerate launch [--config_file configs/accelerate/...] -m dopd.cli train --config ...``.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from dopd.config import PromptView, TrainConfig, save_config
 from dopd.errors import ConfigError, DOPDError
-from dopd.io.atomic import replacing, write_text_atomically
+from dopd.io.atomic import replacing
 from dopd.io.data import load_examples, tokenize_views
+from dopd.modeling.ema import EMA
 from dopd.modeling.loading import check_sources, common_vocabulary, load_model, output_size
+from dopd.modeling.peft import (
+    AdapterEMA,
+    apply_lora,
+    initial_weights,
+    save_lora_model,
+    trainable_parameters,
+)
 from dopd.objectives.views import ViewName
 from dopd.training.backends import check_backend, make_backend
 from dopd.training.checkpoint import (
     TrainingState,
     load_latest_checkpoint,
-    remove_stale_temporaries,
-    require_support,
     save_checkpoint,
     save_final_model,
 )
-from dopd.training.distributed import sum_across
+from dopd.training.distributed import check_sharding, check_world_size, sum_across
 from dopd.training.evaluation import evaluate, load_verifier
 from dopd.training.faults import locate_nonfinite
-from dopd.training.rollout import completion_token_classes, rollout_seeds
+from dopd.training.rollout import PromptSampler, completion_token_classes, rollout_seeds
+from dopd.training.run_dir import check_output_dir, prepare_output_dir, truncate_metrics
+from dopd.training.run_lock import lock_run
+from dopd.training.shards import is_sharded
 from dopd.training.step import make_micro_batches, run_step
 
 
-class PromptSampler:
-    """Which dataset prompts step ``s`` trains on: a seeded permutation per epoch, walked in
-    order, so the schedule depends only on ``(seed, step)`` (resumable, rank-independent)."""
+def _closes_on_error(method):
+    """``Trainer.close()`` (releasing the run lock) when ``method`` raises, then re-raise."""
 
-    def __init__(self, num_prompts: int, prompts_per_step: int, seed: int):
-        self.num_prompts, self.prompts_per_step, self.seed = num_prompts, prompts_per_step, seed
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
 
-    def indices(self, step: int) -> torch.Tensor:
-        """``[prompts_per_step]`` long dataset indices of step ``step``."""
-        positions = step * self.prompts_per_step + torch.arange(self.prompts_per_step)
-        epochs, offsets = positions // self.num_prompts, positions % self.num_prompts
-        orders = {
-            int(e): torch.randperm(
-                self.num_prompts, generator=torch.Generator().manual_seed(self.seed * 7919 + int(e))
-            )
-            for e in epochs.unique()
-        }
-        return torch.stack([orders[int(e)][o] for e, o in zip(epochs, offsets)])
-
-
-class EMA(torch.nn.Module):
-    """Exponential moving average of the student's weights, the ``ema`` privileged student."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        super().__init__()
-        self.model, self.decay = copy.deepcopy(model).requires_grad_(False), decay
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for average, current in zip(self.model.parameters(), model.parameters()):
-            average.lerp_(current.detach().to(average.dtype), 1.0 - self.decay)
+    return wrapper
 
 
 class Trainer:
-    """Builds everything a run needs from a ``TrainConfig`` and trains it."""
+    """Builds everything a run needs from a ``TrainConfig`` and trains it.
 
+    The main process holds ``output_dir``'s run lock (``dopd.training.run_lock``) from the start
+    of ``__init__`` until ``train`` ends or raises, or ``close()``; ``with Trainer(...) as t:``
+    closes too. A second trainer on the same folder, in this process or another, is refused.
+    """
+
+    @_closes_on_error
     def __init__(
         self,
         config: TrainConfig,
@@ -98,7 +91,12 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=config.loop.mixed_precision, step_scheduler_with_optimizer=False
         )
-        _check_output_dir(self.accelerator, self.output_dir, resume, overwrite)
+        check_world_size(self.accelerator)
+        check_sharding(self.accelerator, config)
+        # One writer per output_dir, before it is checked, cleared (--overwrite) or written.
+        self._run_lock, self._locked = None, False
+        self._lock()
+        check_output_dir(self.accelerator, self.output_dir, resume, overwrite)
         set_seed(config.seed)
         self.spec, self.objective = config.objective.spec, config.objective.build()
         if self.objective.uses_token_classes and token_roles is None:
@@ -127,7 +125,7 @@ class Trainer:
             self.accelerator.unwrap_model(self.student),
             self.accelerator,
         )
-        _prepare_output_dir(self.accelerator, self.output_dir, resume, overwrite)
+        prepare_output_dir(self.accelerator, self.output_dir, resume, overwrite)
         self.step, self.skipped_steps, self.consecutive_skips = 0, 0, 0
         self.state = TrainingState(self.student, self.optimizer, self.scheduler, self.ema)
         if resume:
@@ -136,7 +134,7 @@ class Trainer:
             # Atomic: `--resume --config output_dir/config.yaml` must never meet a torn file.
             with replacing(self.output_dir / "config.yaml") as temp:
                 save_config(config, temp)
-            _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
 
     # -- setup ------------------------------------------------------------------------------
     def _load_data(self, verifier) -> None:
@@ -195,6 +193,11 @@ class Trainer:
     def _build_models(self) -> None:
         config, accelerator = self.config, self.accelerator
         student = load_model(config.student, self.tokenizer, seed=config.seed, key="student")
+        if config.peft.enabled:  # only the LoRA adapters train (dopd.modeling.peft)
+            student = apply_lora(student, config.peft, engine=accelerator.distributed_type)
+            accelerator.print(
+                "peft: {:,} of {:,} parameters train".format(*trainable_parameters(student))
+            )
         if config.loop.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         frozen = {}
@@ -206,11 +209,11 @@ class Trainer:
             frozen["reference"] = (
                 load_model(config.reference, self.tokenizer, seed=config.seed, key="reference")
                 if config.reference
-                else copy.deepcopy(student)
+                else initial_weights(student)
             )
         weights = config.views.priv_student_weights
         if self.objective.uses_priv_student and weights == "base":
-            frozen["priv_student"] = copy.deepcopy(student)
+            frozen["priv_student"] = initial_weights(student)  # LoRA: adapters off, no copy
         # The vocabulary rule on the loaded heads: every view is scored, and rollouts sampled,
         # over the ids 0 .. vocab_size - 1 that every head has (equal heads: their own size).
         sizes = {
@@ -219,13 +222,13 @@ class Trainer:
         }
         self.vocab_size = common_vocabulary(sizes, len(self.tokenizer))
         self.ema = (
-            EMA(student, config.views.ema_decay)
+            (AdapterEMA if config.peft.enabled else EMA)(student, config.views.ema_decay)
             if self.objective.uses_priv_student and weights == "ema"
             else None
         )
         optim = config.optim
         optimizer = torch.optim.AdamW(
-            student.parameters(),
+            [p for p in student.parameters() if p.requires_grad],
             lr=optim.lr,
             betas=tuple(optim.betas),
             weight_decay=optim.weight_decay,
@@ -237,8 +240,7 @@ class Trainer:
         # Frozen models are replicated on every rank and not checkpointed
         # (the EMA is: TrainingState).
         self.models = {
-            name: m.eval().requires_grad_(False).to(accelerator.device)
-            for name, m in frozen.items()
+            name: self._place_frozen(m.eval().requires_grad_(False)) for name, m in frozen.items()
         }
         if self.ema is not None:
             self.ema.to(accelerator.device)
@@ -246,13 +248,41 @@ class Trainer:
         elif self.objective.uses_priv_student and weights == "live":
             self.models["priv_student"] = accelerator.unwrap_model(self.student)
 
+    def _place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen view's model on this rank: sharded like the student under FSDP2 (no optimizer
+        state), else a whole replica on the device."""
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return self.accelerator.prepare_model(model)
+        return model.to(self.accelerator.device)
+
+    def _lock(self) -> None:
+        """Take ``output_dir``'s run lock (main process) unless this trainer holds it."""
+        if not self._locked:
+            self._run_lock, self._locked = lock_run(self.accelerator, self.output_dir), True
+
+    def close(self) -> None:
+        """Release ``output_dir``'s run lock (deleting the lock file); idempotent. ``train``
+        calls it when it ends or raises, and a later ``train`` takes the lock again."""
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()
+        self._locked = False
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     # -- training ---------------------------------------------------------------------------
+    @_closes_on_error
     def train(self, stop_after: int | None = None) -> None:
         """Run until ``optim.max_steps``, logging, evaluating and checkpointing on schedule.
 
         ``stop_after`` ends the run early after that many steps (checkpointing then), leaving the
         schedule as ``optim.max_steps`` defines it; a later ``--resume`` continues it exactly.
+        The run lock is released when it returns or raises (``close``).
         """
+        self._lock()
         loop, max_steps = self.config.loop, self.config.optim.max_steps
         last = max_steps if stop_after is None else min(stop_after, max_steps)
         bar = tqdm(
@@ -267,6 +297,7 @@ class Trainer:
         bar.close()
         if self.step == max_steps:
             self._save_final_model()
+        self.close()
 
     def _train_until(self, last: int, bar) -> None:
         loop, max_steps = self.config.loop, self.config.optim.max_steps
@@ -283,7 +314,11 @@ class Trainer:
                 self._log(record)
             if (loop.save_every and self.step % loop.save_every == 0) or self.step == last:
                 save_checkpoint(
-                    self.accelerator, self.output_dir, self.step, self.state, self.tokenizer
+                    self.accelerator,
+                    self.output_dir,
+                    self.step,
+                    self.state,
+                    save_total_limit=self.config.checkpoint.save_total_limit,
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -413,15 +448,21 @@ class Trainer:
         """Held-out accuracy without privileged context, sharded over ranks."""
         accelerator, settings = self.accelerator, self.config.eval
         count = min(settings.max_examples, len(self.eval_prompts["plain"]))
-        shard = range(accelerator.process_index, count, accelerator.num_processes)
+        shard = list(range(accelerator.process_index, count, accelerator.num_processes))
+        policy, real = accelerator.unwrap_model(self.student), len(shard)
+        synced = is_sharded(policy)
+        if synced:  # sharded forwards are collective: every rank decodes as many prompts
+            shard += [0] * (-(-count // accelerator.num_processes) - real)
         result = evaluate(
-            accelerator.unwrap_model(self.student),
+            policy,
             self.tokenizer,
             [self.eval_prompts["plain"][i] for i in shard],
             [self.eval_prompts["answer"][i] or "" for i in shard],
             verifier=self.verifier,
             max_new_tokens=settings.max_new_tokens,
+            synced=synced,
         )
+        result = result.first(real)  # without the padding
         counts = sum_across(
             accelerator, torch.tensor([result.correct, result.total], device=accelerator.device)
         ).tolist()
@@ -434,57 +475,17 @@ class Trainer:
                 handle.write(json.dumps({"step": self.step, **record}) + "\n")
 
     def _save_final_model(self) -> None:
-        save_final_model(self.accelerator, self.student, self.tokenizer, self.output_dir / "model")
+        target, peft = self.output_dir / "model", self.config.peft
+        if peft.enabled:  # the merged model or the adapter alone (peft.export)
+            save_lora_model(self.accelerator, self.student, self.tokenizer, target, peft.export)
+        else:
+            save_final_model(
+                self.accelerator, self.student, self.tokenizer, target, self._export_dtype()
+            )
 
-
-def _check_output_dir(
-    accelerator: Accelerator, output_dir: Path, resume: bool, overwrite: bool
-) -> None:
-    """Refuse to mix a new run into an old one unless asked to resume it or replace it (writes
-    nothing)."""
-    require_support(accelerator)  # fail now, not at the first checkpoint
-    if output_dir.exists() and any(output_dir.iterdir()) and not (resume or overwrite):
-        raise DOPDError(
-            f"output_dir {str(output_dir)!r} is not empty; "
-            "pass --resume to continue it or --overwrite to replace it"
-        )
-
-
-def _prepare_output_dir(
-    accelerator: Accelerator, output_dir: Path, resume: bool, overwrite: bool
-) -> None:
-    """Once every input has loaded: clear an ``--overwrite`` run; on resume, delete the
-    ``.tmp-`` leftovers of a writer that was killed."""
-    if overwrite and not resume and output_dir.exists() and accelerator.is_main_process:
-        shutil.rmtree(output_dir)
-    if resume and accelerator.is_main_process:
-        for path in remove_stale_temporaries(output_dir):
-            print(f"removed {path}, left by an interrupted write", file=sys.stderr)
-    accelerator.wait_for_everyone()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (left by a run that died after its last checkpoint) and a
-    torn line (a run killed mid-write); the file is replaced atomically."""
-    if not path.exists():
-        return
-    kept, torn = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            torn += bool(line.strip())
-            continue
-        if (
-            isinstance(record, dict)
-            and isinstance(record.get("step"), int)
-            and record["step"] <= step
-        ):
-            kept.append(line)
-    if torn:
-        print(
-            f"warning: {path}: dropped {torn} unreadable line(s), "
-            "written by a run that was killed mid-write",
-            file=sys.stderr,
-        )
-    write_text_atomically(path, "".join(line + "\n" for line in kept))
+    def _export_dtype(self) -> torch.dtype | None:
+        """``checkpoint.export_dtype`` as a torch dtype; None keeps the student's own."""
+        name = self.config.checkpoint.export_dtype
+        if name == "auto":
+            name = {"bf16": "bfloat16", "fp16": "float16"}.get(self.config.loop.mixed_precision)
+        return None if name is None else getattr(torch, name)
