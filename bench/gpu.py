@@ -231,6 +231,8 @@ def run_rollout_section(setup: dict, results: dict) -> Iterator[None]:
             "backend": "vllm",
             "vllm_mode": "colocate",
             "vllm_gpu_memory_utilization": setup["vllm_gpu_memory_utilization"],
+            # The tiny models have 512 positions; the prompts here are far shorter.
+            "vllm_max_model_len": 512,
         },
     }
     for name, rollout in backends.items():
