@@ -70,6 +70,14 @@ def test_defaults_follow_the_documented_schema():
         "data": {
             "train": "train.jsonl",
             "eval": None,
+            "subset": None,
+            "columns": {
+                "prompt": "prompt",
+                "messages": "messages",
+                "privileged_context": "privileged_context",
+                "answer": "answer",
+                "privileged_prompt": None,
+            },
             "privileged_template": "{prompt}\n\n{privileged_context}",
             "max_prompt_length": 512,
             "overlong_prompts": "skip",

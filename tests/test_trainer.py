@@ -253,15 +253,10 @@ def _cli_run(output_dir: Path, processes: int) -> None:
         launcher = [
             "-m",
             "accelerate.commands.launch",
-            "--multi_gpu",
+            "--config_file",  # the shipped CPU data-parallel config
+            str(ROOT / "configs" / "accelerate" / "ddp-cpu.yaml"),
             "--num_processes",
             str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
             "--main_process_port",
             str(_free_port()),
             "-m",

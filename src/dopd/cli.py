@@ -3,7 +3,7 @@ lab's ``demo``, ``lab`` and ``pretrain``. Parse, build, run.
 
     dopd train --config configs/tiny.yaml --set objective.top_k=64 --set output_dir=runs/x
     dopd vllm-serve --config configs/tiny-vllm.yaml   # then train with rollout.vllm_mode=server
-    dopd eval --model runs/x/model --data configs/data/tiny.jsonl
+    dopd eval --model runs/x/model --data configs/data/tiny.jsonl --out runs/x/eval
     dopd objectives
 
 Errors: a bad input (any ``DOPDError``: config, data, model source) prints one line
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from typing import NoReturn
 
@@ -42,32 +41,22 @@ def _vllm_serve(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from dopd.config import load_config
+    from dopd.training.eval_model import run_eval
 
-    from dopd.io.data import load_examples, tokenize_views
-    from dopd.modeling.loading import load_pretrained
-    from dopd.training.evaluation import evaluate, load_verifier
-
-    if not os.path.isdir(args.model):
-        raise DOPDError(
-            f"--model {args.model!r} is not a directory; "
-            "pass a saved model folder such as runs/x/model"
-        )
-    tokenizer = load_pretrained(AutoTokenizer, "--model", args.model)
-    model = load_pretrained(AutoModelForCausalLM, "--model", args.model)
-    examples = load_examples(args.data)[: args.max_examples]
-    prompt_ids, _ = tokenize_views(examples, tokenizer)
-    result = evaluate(
-        model,
-        tokenizer,
-        prompt_ids,
-        [e.answer or "" for e in examples],
-        verifier=load_verifier(args.verifier),
+    if args.set and not args.config:
+        raise DOPDError("dopd eval --set overrides a run config; fix: pass --config CONFIG too")
+    config = load_config(args.config, args.set) if args.config else None
+    summary = run_eval(
+        args.model,
+        args.data,
+        config=config,
+        verifier=args.verifier,
         max_new_tokens=args.max_new_tokens,
+        max_examples=args.max_examples,
+        out=args.out,
     )
-    print(
-        json.dumps({"accuracy": result.accuracy, "correct": result.correct, "total": result.total})
-    )
+    print(json.dumps(summary))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -176,18 +165,46 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="held-out accuracy of a saved model without privileged context"
     )
     evaluation.add_argument(
-        "--model", required=True, help="a saved model folder (e.g. output_dir/model)"
+        "--model",
+        required=True,
+        help="a model folder (output_dir/model), a hub id, or a checkpoint folder "
+        "(output_dir/checkpoints/step-N, rebuilt from the run's config.yaml)",
     )
     evaluation.add_argument(
         "--data",
-        required=True,
-        help="examples with answers (.jsonl/.json/.parquet or a datasets name)",
+        default=None,
+        help="examples with answers (.jsonl/.json/.parquet or a datasets name[:split]; "
+        "default: the config's data.eval)",
     )
     evaluation.add_argument(
-        "--verifier", default="exact", help="exact, numeric, or path/to/file.py:function"
+        "--config",
+        default=None,
+        help="a run config (e.g. output_dir/config.yaml): its data.columns, data.subset, "
+        "tokenizer.chat_template_kwargs and eval defaults apply",
     )
-    evaluation.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    evaluation.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of --config (dotted), repeatable",
+    )
+    evaluation.add_argument(
+        "--verifier",
+        default=None,
+        help="exact, numeric, math, or path/to/file.py:function "
+        "(default: the config's eval.verifier, else exact)",
+    )
+    evaluation.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=None,
+        help="default: the config's eval.max_new_tokens, else 64",
+    )
     evaluation.add_argument("--max-examples", type=_positive_int, default=None)
+    evaluation.add_argument(
+        "--out", default=None, metavar="DIR", help="write DIR/eval.jsonl and DIR/summary.json"
+    )
     evaluation.set_defaults(run=_eval)
 
     demo = add_command("demo", help="the privilege lab in minutes: 5 methods on tiny models, CPU")

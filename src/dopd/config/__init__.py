@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from dopd.config.checkpoint import CheckpointConfig
+from dopd.config.data import DataColumns, DataConfig
 from dopd.config.loading import (
     BOOLS,
     apply_override,
@@ -30,23 +31,23 @@ from dopd.config.loading import (
     join_key,
     read_yaml,
 )
+from dopd.config.models import ModelSpec, TokenizerSpec
 from dopd.config.peft import PeftConfig
 from dopd.config.rollout import RolloutConfig
 from dopd.errors import (
     ConfigError,
-    quote,
     require_choice,
     require_int,
     require_range,
     require_str,
 )
-from dopd.io.data import DEFAULT_PRIVILEGED_TEMPLATE, check_privileged_template
 from dopd.objectives.base import Objective
 from dopd.objectives.chunked import DEFAULT_CHUNK_ROWS
 from dopd.objectives.registry import ObjectiveSpec, get_spec
 
 __all__ = [
     "CheckpointConfig",
+    "DataColumns",
     "DataConfig",
     "EvalConfig",
     "LoopConfig",
@@ -66,126 +67,16 @@ __all__ = [
 ]
 
 # Each choice is typed once; the tuple of its values is what validation and the help list.
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 PromptView = Literal["privileged", "plain"]
 PrivStudentWeights = Literal["live", "base", "ema"]
-OverlongPrompts = Literal["skip", "error"]
 LossPath = Literal["auto", "chunked", "reference"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
-Verifier = Literal["exact", "numeric"]
-DTYPES: tuple[Dtype, ...] = get_args(Dtype)
+Verifier = Literal["exact", "numeric", "math"]
 VIEWS: tuple[PromptView, ...] = get_args(PromptView)
 PRIV_STUDENT_WEIGHTS: tuple[PrivStudentWeights, ...] = get_args(PrivStudentWeights)
-OVERLONG_PROMPTS: tuple[OverlongPrompts, ...] = get_args(OverlongPrompts)
 LOSS_PATHS: tuple[LossPath, ...] = get_args(LossPath)
 MIXED_PRECISION: tuple[MixedPrecision, ...] = get_args(MixedPrecision)
 VERIFIERS: tuple[Verifier, ...] = get_args(Verifier)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """Where a model comes from: a pretrained ``path``, or a random-init ``tiny`` Qwen3."""
-
-    path: str | None = field(
-        default=None, metadata=doc("hub id or local directory of a pretrained model")
-    )
-    tiny: dict[str, Any] | None = field(
-        default=None,
-        metadata=doc(
-            "Qwen3Config keyword overrides for a random-init tiny model, e.g. {hidden_size: 64}"
-        ),
-    )
-    dtype: Dtype = field(
-        default="auto", metadata=doc(f"weight dtype when loading: {', '.join(DTYPES)}")
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata=doc("let transformers run this model repository's code (this model only)"),
-    )
-
-    def __post_init__(self) -> None:
-        if (self.path is None) == (self.tiny is None):
-            raise ConfigError(
-                f"path={quote(self.path)} and tiny={quote(self.tiny)}: set exactly one of them "
-                "(path: a hub id or local directory; tiny: Qwen3Config overrides for a random "
-                "initialisation)"
-            )
-        if self.path is not None:
-            require_str("path", self.path)
-        require_choice("dtype", self.dtype, DTYPES)
-        require_choice("trust_remote_code", self.trust_remote_code, BOOLS)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TokenizerSpec:
-    """The tokenizer shared by every view: ``path``, ``characters``, or else the student's path."""
-
-    path: str | None = field(
-        default=None,
-        metadata=doc("hub id or directory of the tokenizer (null: the student's path)"),
-    )
-    characters: str | None = field(
-        default=None,
-        metadata=doc("build a character tokenizer over these characters (for tiny models)"),
-    )
-    chat_template_kwargs: dict[str, Any] = field(
-        default_factory=dict,
-        metadata=doc("extra kwargs of apply_chat_template, the same for every view"),
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata=doc(
-            "let transformers run code of the tokenizer.path repository "
-            "(null path: student.trust_remote_code applies)"
-        ),
-    )
-
-    def __post_init__(self) -> None:
-        if self.path is not None and self.characters is not None:
-            raise ConfigError(
-                f"path={self.path!r} and characters={quote(self.characters)}: set at most one "
-                "(characters builds a tokenizer, path loads one)"
-            )
-        if self.path is not None:
-            require_str("path", self.path)
-        if self.characters is not None:
-            require_str("characters", self.characters)
-        require_choice("trust_remote_code", self.trust_remote_code, BOOLS)
-        if self.trust_remote_code and self.path is None:
-            raise ConfigError(
-                "trust_remote_code=True applies only to tokenizer.path, which is not set; "
-                "fix: set tokenizer.path, or student.trust_remote_code for the student's tokenizer"
-            )
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    """Training and evaluation data (rows with prompt, privileged_context and optional answer)."""
-
-    train: str = field(
-        metadata=doc("training examples: .jsonl/.json/.parquet file or a datasets name")
-    )
-    eval: str | None = field(
-        default=None, metadata=doc("held-out examples for periodic evaluation (null: none)")
-    )
-    privileged_template: str = field(
-        default=DEFAULT_PRIVILEGED_TEMPLATE,
-        metadata=doc(
-            "builds the privileged prompt; must use exactly {prompt} and {privileged_context}"
-        ),
-    )
-    max_prompt_length: int = field(default=512, metadata=doc("longest prompt in tokens"))
-    overlong_prompts: OverlongPrompts = field(
-        default="skip", metadata=doc("what to do with a longer prompt: skip or error")
-    )
-
-    def __post_init__(self) -> None:
-        require_str("train", self.train)
-        if self.eval is not None:
-            require_str("eval", self.eval)
-        check_privileged_template(self.privileged_template)
-        require_int("max_prompt_length", self.max_prompt_length, low=1)
-        require_choice("overlong_prompts", self.overlong_prompts, OVERLONG_PROMPTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -361,7 +252,8 @@ class EvalConfig:
         default=64, metadata=doc("evaluate on at most this many examples of data.eval")
     )
     verifier: Verifier = field(
-        default="exact", metadata=doc("answer check: exact, numeric, or path/to/file.py:function")
+        default="exact",
+        metadata=doc("answer check: exact, numeric, math, or path/to/file.py:function"),
     )
     max_new_tokens: int = field(default=64, metadata=doc("most new tokens per greedy answer"))
 

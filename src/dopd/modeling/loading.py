@@ -74,6 +74,7 @@ RESERVED_TINY = {
     "eos_token_id": "the tokenizer",
     "pad_token_id": "the tokenizer",
     "seed": "the top-level seed",
+    "attn_implementation": "",  # "": the model's own key beside tiny (student.attn_implementation)
 }
 TINY_KEYS = frozenset(Qwen3Config().to_dict()) | frozenset(
     name for name in inspect.signature(build_tiny_model).parameters if name != "overrides"
@@ -123,30 +124,52 @@ def load_model(
     """A causal LM from ``spec.path`` or a tiny random-init Qwen3 from ``spec.tiny``.
 
     ``key`` (``"student"``, ``"teacher"``, ``"reference"``) names the spec in error messages.
+    The spec's ``dtype`` and ``attn_implementation`` apply to this model alone (``auto``: the
+    checkpoint's dtype, or float32 for a tiny model; transformers' default attention).
     """
     if spec.tiny is not None:
-        return build_tiny(spec.tiny, tokenizer, seed=seed, key=f"{key}.tiny" if key else "tiny")
+        model = build_tiny(
+            spec.tiny,
+            tokenizer,
+            seed=seed,
+            key=f"{key}.tiny" if key else "tiny",
+            attn_implementation=spec.attn_implementation,
+        )
+        return model if spec.dtype == "auto" else model.to(_DTYPES[spec.dtype])
     return load_pretrained(
         AutoModelForCausalLM,
         f"{key}.path" if key else "path",
         spec.path,
         dtype=_DTYPES[spec.dtype],
         trust_remote_code=spec.trust_remote_code,
+        **attention_kwargs(spec.attn_implementation),
     )
 
 
+def attention_kwargs(attn_implementation: str) -> dict[str, str]:
+    """The ``attn_implementation`` kwarg of ``from_pretrained`` / ``Qwen3Config`` (auto: none)."""
+    return {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+
+
 def build_tiny(
-    tiny: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, *, seed: int, key: str
+    tiny: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int,
+    key: str,
+    attn_implementation: str = "auto",
 ) -> PreTrainedModel:
     """``build_tiny_model`` from the ``tiny`` overrides, its special ids from ``tokenizer``.
 
     ``vocab_size`` (default ``len(tokenizer)``) sets the head size, so a tiny model can have a
     padded head like a real one. Unknown or reserved keys and overrides that cannot build a
-    model are ``ConfigError``s naming ``key``.
+    model are ``ConfigError``s naming ``key``; an attention kernel this machine lacks (e.g.
+    ``flash_attention_2`` without its package) one naming the spec's ``attn_implementation``.
     """
     options = dict(tiny)
     for name, owner in RESERVED_TINY.items():
         if name in options:
+            owner = owner or _sibling(key, name)
             raise ConfigError(f"{key}.{name} is set by {owner}; fix: remove it from {key}")
     for name in options:
         if name not in TINY_KEYS:
@@ -157,8 +180,15 @@ def build_tiny(
     ids = {
         f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")
     }
+    attention = attention_kwargs(attn_implementation)
     try:
-        return build_tiny_model(vocab_size, seed=seed, **ids, **options)
+        return build_tiny_model(vocab_size, seed=seed, **ids, **options, **attention)
+    except ImportError as error:  # transformers: the requested attention's package is missing
+        attn_key = _sibling(key, "attn_implementation")
+        raise ConfigError(
+            f"{attn_key}={attn_implementation!r}: {_first_line(error)}; "
+            f"fix: {_attention_fix(attn_key)}"
+        ) from None
     except BUILD_ERRORS as error:
         raise ConfigError(
             f"{key}={quote(dict(tiny))}: cannot build a Qwen3 model ({type(error).__name__}: "
@@ -179,8 +209,20 @@ def load_pretrained(loader: Any, key: str, path: str, **kwargs: Any) -> Any:
     except LOAD_ERRORS as error:
         raise ConfigError(
             f"{key}={quote(path)}: {_why(local)} ({type(error).__name__}: {_first_line(error)}); "
-            f"fix: {_fix(key, local, error)}"
+            f"fix: {_fix(key, local, error, 'attn_implementation' in kwargs)}"
         ) from None
+
+
+def _sibling(tiny_key: str, name: str) -> str:
+    """The key ``name`` beside ``tiny_key``: ``student.tiny`` -> ``student.<name>``."""
+    return tiny_key.removesuffix("tiny") + name
+
+
+def _attention_fix(attn_key: str) -> str:
+    return (
+        f"set {attn_key} to auto, sdpa or eager, or install what the chosen kernel needs "
+        "(e.g. the flash-attn package for flash_attention_2)"
+    )
 
 
 def _looks_local(path: str) -> bool:
@@ -203,10 +245,12 @@ def _why(local: Path) -> str:
     return "not a local directory, and the hub could not provide it"
 
 
-def _fix(key: str, local: Path, error: Exception) -> str:
+def _fix(key: str, local: Path, error: Exception, attention: bool = False) -> str:
+    role = key.split(".")[0]
     if "trust_remote_code" in str(error):
-        role = key.split(".")[0]
         return f"set {role}.trust_remote_code: true, only if you trust that repository's code"
+    if attention and "attention" in str(error).lower():
+        return _attention_fix(f"{role}.attn_implementation")
     if local.is_dir():
         return "point it at a folder written by save_pretrained (config.json, weights, tokenizer)"
     return "give an existing folder or a hub id (download it first when offline)"
@@ -240,7 +284,13 @@ def check_sources(config) -> PreTrainedTokenizerBase:
     for role, spec in used_models(config).items():
         if spec.tiny is not None:
             with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-                model = build_tiny(spec.tiny, tokenizer, seed=0, key=f"{role}.tiny")
+                model = build_tiny(
+                    spec.tiny,
+                    tokenizer,
+                    seed=0,
+                    key=f"{role}.tiny",
+                    attn_implementation=spec.attn_implementation,
+                )
             sizes[role] = output_size(model)
             continue
         model_config = load_pretrained(

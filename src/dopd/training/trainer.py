@@ -139,15 +139,23 @@ class Trainer:
     # -- setup ------------------------------------------------------------------------------
     def _load_data(self, verifier) -> None:
         data = self.config.data
-        self.prompts = self._tokenized(load_examples(data.train), "data.train")
+        columns = data.columns.mapping()
+        train = load_examples(data.train, columns, subset=data.subset)
+        self.prompts = self._tokenized(train, "data.train")
         if len(self.prompts["plain"]) == 0:
             raise DOPDError(
                 f"data.train={data.train!r}: every prompt is longer than "
                 f"data.max_prompt_length={data.max_prompt_length}; "
                 "fix: raise data.max_prompt_length or shorten the prompts"
             )
+        # Evaluation decodes the plain prompt only: its rows may lack privileged context.
         self.eval_prompts = (
-            self._tokenized(load_examples(data.eval), "data.eval") if data.eval else None
+            self._tokenized(
+                load_examples(data.eval, columns, privileged=False, subset=data.subset),
+                "data.eval",
+            )
+            if data.eval
+            else None
         )
         world, per_step = self.accelerator.num_processes, self.config.rollout.prompts_per_step
         if per_step % world:
@@ -164,7 +172,11 @@ class Trainer:
     def _tokenized(self, examples, key: str) -> dict[str, list]:
         data, kwargs = self.config.data, self.config.tokenizer.chat_template_kwargs
         plain, privileged = tokenize_views(
-            examples, self.tokenizer, data.privileged_template, kwargs
+            examples,
+            self.tokenizer,
+            data.privileged_template,
+            kwargs,
+            require_privileged=key == "data.train",
         )
         keep = [
             i
