@@ -54,7 +54,12 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_follow_the_documented_schema():
-    model = {"tiny": None, "dtype": "auto", "trust_remote_code": False}
+    model = {
+        "tiny": None,
+        "dtype": "auto",
+        "attn_implementation": "auto",
+        "trust_remote_code": False,
+    }
     expected = {
         "output_dir": "runs/dopd",
         "seed": 0,
@@ -128,7 +133,7 @@ def test_defaults_follow_the_documented_schema():
             "loss_chunk_rows": 1024,
         },
         "eval": {"max_examples": 64, "verifier": "exact", "max_new_tokens": 64},
-        "checkpoint": {"save_total_limit": 0},
+        "checkpoint": {"save_total_limit": 0, "export_dtype": "auto"},
         "peft": {
             "enabled": False,
             "r": 16,
@@ -144,6 +149,13 @@ def test_defaults_follow_the_documented_schema():
                 "down_proj",
             ],
             "export": "merged",
+        },
+        "tracking": {
+            "report_to": "none",
+            "project": "dopd",
+            "run_name": None,
+            "samples_every": 10,
+            "sample_rows": 4,
         },
     }
     config = load()
@@ -175,7 +187,7 @@ def section_classes(cls: type = TrainConfig) -> list[type]:
 
 def test_every_field_has_help_and_sections_are_frozen_and_keyword_only():
     classes = section_classes()
-    assert len(classes) == 12  # TrainConfig, ModelSpec and the ten other sections
+    assert len(classes) == 14  # TrainConfig, ModelSpec, the 11 other sections, data.columns
     for cls in classes:
         assert cls.__dataclass_params__.frozen, cls
         assert all(f.kw_only for f in fields(cls)), cls

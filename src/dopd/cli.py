@@ -1,10 +1,13 @@
-"""Command line: ``dopd train``, ``dopd eval``, ``dopd vllm-serve``, ``dopd objectives``, and the
-lab's ``demo``, ``lab`` and ``pretrain``. Parse, build, run.
+"""Command line: ``dopd train``, ``dopd eval``, ``dopd vllm-serve``, ``dopd objectives``,
+``dopd config``, and the lab's ``demo``, ``lab`` and ``pretrain``. Parse, build, run.
 
     dopd train --config configs/tiny.yaml --set objective.top_k=64 --set output_dir=runs/x
     dopd vllm-serve --config configs/tiny-vllm.yaml   # then train with rollout.vllm_mode=server
     dopd eval --model runs/x/model --data configs/data/tiny.jsonl --out runs/x/eval
     dopd objectives
+    dopd report runs/x                                  # runs/x/report: curves, regimes, tokens
+    dopd config --list                                  # every config key: type, default, help
+    dopd config --show configs/tiny.yaml --set optim.lr=1e-5   # the resolved config as YAML
 
 Errors: a bad input (any ``DOPDError``: config, data, model source) prints one line
 ``dopd: error: ...`` to stderr and exits 2; bad arguments exit 2 the same way; an unexpected
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from typing import NoReturn
 
@@ -93,6 +97,50 @@ def _objectives(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  teacher={spec.teacher_view:<10}  {spec.summary}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from dopd.viz.report import write_report
+
+    report = write_report(args.run_dir, args.out, step=args.step)
+    for note in report.notes:
+        print(f"dopd: note: {note}", file=sys.stderr)
+    print("wrote " + ", ".join(str(path) for path in report.paths))
+
+
+def _config(args: argparse.Namespace) -> None:
+    from dopd.config import TrainConfig, config_to_dict, load_config
+    from dopd.config.listing import config_keys, format_config_keys
+    from dopd.config.loading import dump_yaml
+    from dopd.errors import ConfigError
+
+    if args.show is None:
+        if args.set:
+            raise DOPDError(
+                "dopd config --list takes no --set (it lists the defaults); "
+                "fix: drop --set, or pass --show CONFIG --set KEY=VALUE"
+            )
+        _write(format_config_keys(config_keys(TrainConfig)) + "\n")
+    else:  # what save_config writes to output_dir/config.yaml
+        try:
+            config = load_config(args.show, args.set)
+        except ConfigError as error:  # the file's own errors say --config; here it is --show
+            message = str(error)
+            if message.startswith(f"{args.show}:"):
+                message = message.replace("to --config", "to --show")
+            raise ConfigError(message) from None
+        _write(dump_yaml(config_to_dict(config)))
+
+
+def _write(text: str) -> None:
+    """``text`` to stdout; a reader that closes the pipe early (``| head``) is no error."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's documented pattern: point stdout at devnull so the flush at exit is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -106,7 +154,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key (dotted), repeatable",
+        help="override a config key (dotted), repeatable; dopd config --list lists the keys",
     )
 
 
@@ -138,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_command = functools.partial(commands.add_parser, parents=[debug])
 
-    train = add_command("train", help="train a student with on-policy distillation")
+    train = add_command(
+        "train",
+        help="train a student with on-policy distillation",
+        epilog="Every config key with its type, default and help: dopd config --list; "
+        "the resolved config of CONFIG and --set: dopd config --show CONFIG --set ...",
+    )
     _add_config_flags(train)
     train.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
@@ -250,6 +303,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = add_command("objectives", help="list every objective name")
     listing.set_defaults(run=_objectives)
+
+    report = add_command(
+        "report",
+        help="draw a training run: curves.png, regimes.png and tokens.html from its output_dir",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a dopd train output_dir")
+    report.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
+    report.add_argument(
+        "--step",
+        type=_positive_int,
+        default=None,
+        help="tokens.html shows the rollouts sampled at this step (default: the last sampled)",
+    )
+    report.set_defaults(run=_report)
+
+    config = add_command(
+        "config",
+        help="list every config key (--list), or print a config as resolved (--show CONFIG)",
+    )
+    action = config.add_mutually_exclusive_group(required=True)
+    action.add_argument(
+        "--list",
+        action="store_true",
+        help="every key (dotted, e.g. rollout.vllm_mode) with its type, default and help",
+    )
+    action.add_argument(
+        "--show",
+        metavar="CONFIG",
+        help="CONFIG after --set, validated, as the YAML a run records in output_dir/config.yaml",
+    )
+    config.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --show: override a config key (dotted), repeatable",
+    )
+    config.set_defaults(run=_config)
     return parser
 
 

@@ -3,7 +3,8 @@
 ``load_config("configs/tiny.yaml", ["objective.top_k=64", "output_dir=runs/x"])`` reads the file,
 applies ``--set``-style overrides (dotted keys, YAML values), checks every key and type, and
 returns a validated ``TrainConfig``. ``save_config`` writes a file that loads back to an equal
-config. Each field's help text lives in its ``metadata["help"]``; ``config_help()`` lists them.
+config. Each field's help text lives in its ``metadata["help"]``; ``dopd config --list`` (or
+``config_help()``) lists every key with its type and default.
 
 Loading touches neither the network nor any file but the config itself: model, data and tokenizer
 paths are only checked to be non-empty strings here, so configs for models this machine cannot
@@ -14,12 +15,13 @@ starts). Errors are ``ConfigError``s naming the dotted key, the value and the fi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from dopd.config.checkpoint import CheckpointConfig
 from dopd.config.data import DataColumns, DataConfig
+from dopd.config.listing import config_keys
 from dopd.config.loading import (
     BOOLS,
     apply_override,
@@ -28,12 +30,12 @@ from dopd.config.loading import (
     doc,
     dump_yaml,
     from_dict,
-    join_key,
     read_yaml,
 )
 from dopd.config.models import ModelSpec, TokenizerSpec
 from dopd.config.peft import PeftConfig
 from dopd.config.rollout import RolloutConfig
+from dopd.config.tracking import TrackingConfig
 from dopd.errors import (
     ConfigError,
     require_choice,
@@ -58,6 +60,7 @@ __all__ = [
     "RolloutConfig",
     "TokenizerSpec",
     "TrainConfig",
+    "TrackingConfig",
     "ViewsConfig",
     "config_help",
     "config_to_dict",
@@ -299,6 +302,9 @@ class TrainConfig:
     peft: PeftConfig = field(
         default_factory=PeftConfig, metadata=doc("LoRA adapters on the student (optional extra)")
     )
+    tracking: TrackingConfig = field(
+        default_factory=TrackingConfig, metadata=doc("experiment trackers and rollout samples")
+    )
 
     def __post_init__(self) -> None:
         require_str("output_dir", self.output_dir)
@@ -366,14 +372,12 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 
 
 def config_help(cls: type = TrainConfig, prefix: str = "") -> list[str]:
-    """One ``key: help (default ...)`` line per config field, sections expanded."""
-    lines = []
-    hints = get_type_hints(cls)
-    for f in fields(cls):
-        key = join_key(prefix, f.name if not f.metadata.get("rest") else "<option>")
-        default = "" if f.default is MISSING else f" (default {f.default!r})"
-        lines.append(f"{key}: {f.metadata['help']}{default}")
-        nested = [hint for hint in (hints[f.name], *get_args(hints[f.name])) if is_dataclass(hint)]
-        if nested:
-            lines.extend(config_help(nested[0], key))
-    return lines
+    """One ``key: help (default ...)`` line per config key, sections expanded.
+
+    ``dopd config --list`` prints the same keys as a table with their types
+    (``dopd.config.listing``).
+    """
+    return [
+        f"{k.key}: {k.help}" + (f" (default {k.default})" if k.default is not None else "")
+        for k in config_keys(cls, prefix)
+    ]

@@ -12,6 +12,7 @@ section reads the same whether built from YAML or in Python.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -264,6 +265,18 @@ _Dumper.add_implicit_resolver(_FLOAT, _FLOAT_PATTERN, list("-+0123456789"))
 def dump_yaml(data: Any) -> str:
     """YAML text of plain ``data`` that ``parse_yaml`` (and ``yaml.safe_load``) read back equal."""
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+def dump_inline(value: Any) -> str:
+    """``value`` as one line of YAML that ``parse_yaml`` reads back equal (``null``, ``[a, b]``).
+
+    A string with line breaks becomes a double-quoted JSON string, which is YAML too.
+    """
+    text = yaml.dump(
+        _plain(value), Dumper=_Dumper, default_flow_style=True, width=math.inf, allow_unicode=True
+    )
+    text = text.removesuffix("\n...\n").removesuffix("\n")
+    return json.dumps(_plain(value), ensure_ascii=False) if "\n" in text else text
 
 
 def read_yaml(path: Path) -> dict:

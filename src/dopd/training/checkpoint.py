@@ -19,17 +19,18 @@ A sharded student (FSDP2: its parameters are ``DTensor``s) is stored as each ran
 stored once: its Hugging Face export is written at the end of a run (``save_final_model``), not
 into every checkpoint.
 
-A checkpoint is built in ``checkpoints/.tmp-step-000050/``, every file and folder is fsynced, and
-the folder is renamed into place by the main process (``dopd.io.atomic.publish``) once every rank
-has written; a kill at any moment leaves either a complete checkpoint or a ``.tmp-`` folder that
-resume deletes. ``--resume`` takes the newest checkpoint whose manifest checks out and names every
-one it skips, and why. DeepSpeed and Megatron-LM keep state this format does not read:
-``require_support`` refuses them.
+A checkpoint is built in ``checkpoints/.tmp-step-000050-<main pid>/``, every file and folder is
+fsynced, and the folder is renamed into place by the main process (``dopd.io.atomic.publish``)
+once every rank has written; a kill at any moment leaves either a complete checkpoint or a
+``.tmp-`` folder that resume deletes. ``--resume`` takes the newest checkpoint whose manifest
+checks out and names every one it skips, and why. DeepSpeed and Megatron-LM keep state this
+format does not read: ``require_support`` refuses them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,9 @@ def save_checkpoint(
     require_support(accelerator)
     rng = _gathered_rng(accelerator)
     path = checkpoint_dir(output_dir, step)
-    # One name every rank agrees on; the run lock keeps other writers out of output_dir.
-    temp = path.parent / f"{TEMP_PREFIX}{path.name}"
+    # The main process's name for it (.tmp-step-N-<pid>), which every rank writes into.
+    main_pid = int(broadcast(torch.tensor([os.getpid()], device=accelerator.device))[0])
+    temp = path.parent / f"{TEMP_PREFIX}{path.name}-{main_pid}"
     model = accelerator.unwrap_model(state.model)
     # None: one whole student; N: N ranks each hold a slice (FSDP2; N may be 1).
     shards = accelerator.num_processes if is_sharded(model) else None

@@ -43,6 +43,17 @@ def run_config_of(checkpoint: str | Path) -> Path:
     return Path(checkpoint).resolve().parent.parent / "config.yaml"
 
 
+def checkpoint_config(checkpoint: str | Path) -> TrainConfig:
+    """The config of the run that wrote ``checkpoint``, from its ``output_dir/config.yaml``."""
+    path = run_config_of(checkpoint)
+    if not path.is_file():
+        raise ConfigError(
+            f"--model {str(checkpoint)!r} is a checkpoint folder but {path} does not exist; "
+            "fix: pass the run's config with --config output_dir/config.yaml"
+        )
+    return load_config(path)
+
+
 def load_eval_model(source: str, config: TrainConfig | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a Hugging Face folder or hub id, or of a dopd checkpoint folder
     (its student rebuilt from ``config``, default the run's ``config.yaml``), in eval mode.
@@ -50,15 +61,7 @@ def load_eval_model(source: str, config: TrainConfig | None = None) -> tuple[Any
     Raises a one-line ``DOPDError`` (``ConfigError`` for a bad source) naming ``--model``.
     """
     if is_checkpoint(source):
-        if config is None:
-            config_path = run_config_of(source)
-            if not config_path.is_file():
-                raise ConfigError(
-                    f"--model {source!r} is a checkpoint folder but {config_path} does not exist; "
-                    "fix: pass the run's config with --config output_dir/config.yaml"
-                )
-            config = load_config(config_path)
-        model, tokenizer = _checkpoint_student(Path(source), config)
+        model, tokenizer = _checkpoint_student(Path(source), config or checkpoint_config(source))
     else:
         tokenizer = load_pretrained(AutoTokenizer, "--model", source)
         if tokenizer.eos_token_id is None:
@@ -120,8 +123,8 @@ def run_eval(
     given, else ``exact`` and 64. Rows need an answer, not a privileged context.
     """
     # A checkpoint's own run config when none was given: its columns and chat kwargs apply.
-    if config is None and is_checkpoint(model) and run_config_of(model).is_file():
-        config = load_config(run_config_of(model))
+    if config is None and is_checkpoint(model):
+        config = checkpoint_config(model)
     if data is None:
         if config is None or config.data.eval is None:
             raise ConfigError(
@@ -156,11 +159,13 @@ def run_eval(
         "max_new_tokens": max_new_tokens,
     }
     if out is not None:
-        write_results(Path(out), examples, result, summary)
+        write_results(Path(out), examples, prompt_ids, result, summary)
     return summary
 
 
-def write_results(out: Path, examples: list, result: EvalResult, summary: dict) -> None:
+def write_results(
+    out: Path, examples: list, prompt_ids: list[list[int]], result: EvalResult, summary: dict
+) -> None:
     """``out/eval.jsonl`` (one line per example) and ``out/summary.json``, each atomically."""
     out.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -168,13 +173,14 @@ def write_results(out: Path, examples: list, result: EvalResult, summary: dict) 
             {
                 "index": index,
                 "prompt": example.prompt,
+                "prompt_tokens": len(ids),
                 "completion": sample["completion"],
                 "answer": sample["answer"],
                 "correct": sample["correct"],
             },
             ensure_ascii=False,
         )
-        for index, (example, sample) in enumerate(zip(examples, result.samples))
+        for index, (example, ids, sample) in enumerate(zip(examples, prompt_ids, result.samples))
     ]
     write_text_atomically(out / "eval.jsonl", "".join(line + "\n" for line in lines))
     write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")

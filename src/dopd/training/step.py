@@ -63,6 +63,7 @@ from dopd.objectives.views import (
     entropy_and_sampled_logp,
 )
 from dopd.training.distributed import gather_rows, head_split_reason, sum_across
+from dopd.training.step_metrics import BatchLoss, StepTotals
 
 
 @dataclass
@@ -134,17 +135,39 @@ def score_constant_views(
 
 
 @dataclass
+class TokenRecord:
+    """Per-token results of this rank's first micro-batch, as the loss pass routed them (on CPU,
+    detached), for rollout samples (``run_step(record_tokens=True)``).
+
+    Attributes:
+        completion_ids: ``[b, T]`` long; completion_mask: ``[b, T]`` bool.
+        groups: ``[N]`` long, each valid token's group (an index into ``group_names``).
+        statistics: name -> ``[N]`` float, the objective's per-token statistics (none for an
+            objective without any).
+        student_log_probs: ``[N]`` float, the student's log-prob of each sampled token (plain
+            prompt, logits before the loss temperature).
+    """
+
+    completion_ids: Tensor
+    completion_mask: Tensor
+    groups: Tensor
+    statistics: dict[str, Tensor]
+    student_log_probs: Tensor
+
+
+@dataclass
 class StepOutput:
     """Reduced results of one step (identical on every rank).
 
     Attributes:
         loss: 0-d float; metrics: name -> float; path: the loss path taken (``chunked`` or
-            ``reference``).
+            ``reference``); tokens: this rank's ``TokenRecord`` when asked for, else None.
     """
 
     loss: Tensor
     metrics: dict[str, float]
     path: str = "reference"
+    tokens: TokenRecord | None = None
 
 
 def choose_path(
@@ -193,6 +216,7 @@ def run_step(
     path: str = "auto",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     vocab_size: int | None = None,
+    record_tokens: bool = False,
 ) -> StepOutput:
     """Accumulate the gradient of one optimizer step into ``student`` (no optimizer call).
 
@@ -207,6 +231,8 @@ def run_step(
             (``dopd.modeling.loading.common_vocabulary``): every view is scored over ids
             ``0 .. vocab_size - 1``. None (or every head's size) scores
             each head whole, which then requires equal sizes.
+        record_tokens: also return the first micro-batch's per-token groups and statistics
+            (``StepOutput.tokens``), taken from the loss pass: no extra forward.
     """
     require_int("chunk_rows", chunk_rows, low=1)
     chosen = choose_path(accelerator, student, models, path)
@@ -235,7 +261,7 @@ def run_step(
         accelerator, sum(loss_denominator(b.completion_mask, reduction) for b in batches)
     )
 
-    totals = _Totals(len(objective.group_names), accelerator.device)
+    totals, tokens = StepTotals(len(objective.group_names), accelerator.device), None
     for index, (batch, score) in enumerate(zip(batches, scores)):
         sync = index == len(batches) - 1
         with nullcontext() if sync else accelerator.no_sync(student):
@@ -244,6 +270,8 @@ def run_step(
             # the global denominator, so scale back up to get the sum.
             accelerator.backward(out.loss * accelerator.num_processes)
         totals.add(out)
+        if record_tokens and index == 0:
+            tokens = _token_record(batch, out)
     metrics = totals.reduce(accelerator, objective)
     metrics.update(
         {"time/scoring": scored - start, "time/forward_backward": time.perf_counter() - scored}
@@ -251,21 +279,20 @@ def run_step(
     metrics.update(
         {k: float(v) for k, v in objective.metrics(merged, thresholds).items()} if merged else {}
     )
-    return StepOutput(torch.tensor(metrics["loss"]), metrics, chosen)
+    return StepOutput(torch.tensor(metrics["loss"]), metrics, chosen, tokens)
 
 
-@dataclass
-class _BatchLoss:
-    """One micro-batch's loss and, at its ``N`` valid tokens, ``[N]`` groups, weighted per-token
-    losses, student entropies and the student's sampled-token log-probs (detached), and the
-    engine's log-probs of the same tokens (None when not recorded)."""
+def _token_record(batch: MicroBatch, out: BatchLoss) -> TokenRecord:
+    def host(value: Tensor) -> Tensor:
+        return value.detach().to("cpu", copy=True)
 
-    loss: Tensor
-    groups: Tensor
-    per_token: Tensor
-    entropy: Tensor
-    student_log_probs: Tensor
-    rollout_log_probs: Tensor | None
+    return TokenRecord(
+        host(batch.completion_ids),
+        host(batch.completion_mask.bool()),
+        host(out.groups),
+        {name: host(value).float() for name, value in out.statistics.items()},
+        host(out.student_log_probs).float(),
+    )
 
 
 class _LossPath:
@@ -313,7 +340,7 @@ class _ReferencePath(_LossPath):
         logits: dict[str, Tensor],
         thresholds: ObjectiveThresholds,
         denominator: Tensor,
-    ) -> _BatchLoss:
+    ) -> BatchLoss:
         student_logits = completion_logits(
             self.student, batch.inputs["student"], self.vocab_size
         )  # [b, T, V]
@@ -335,8 +362,15 @@ class _ReferencePath(_LossPath):
             student_logits[mask], batch.completion_ids[mask]
         )
         engine = None if batch.rollout_log_probs is None else batch.rollout_log_probs[mask]
-        return _BatchLoss(
-            out.loss, out.groups[mask], out.per_token_loss[mask], entropy, log_probs, engine
+        statistics = {name: value[mask] for name, value in out.statistics.items()}
+        return BatchLoss(
+            out.loss,
+            out.groups[mask],
+            out.per_token_loss[mask],
+            entropy,
+            log_probs,
+            engine,
+            statistics,
         )
 
 
@@ -375,7 +409,7 @@ class _ChunkedPath(_LossPath):
         heads: dict[ViewName, ViewHead],
         thresholds: ObjectiveThresholds,
         denominator: Tensor,
-    ) -> _BatchLoss:
+    ) -> BatchLoss:
         mask = batch.completion_mask.bool()
         # Through the (possibly DDP-wrapped) student, so that its backward syncs gradients.
         student = completion_hidden_states(
@@ -396,57 +430,12 @@ class _ChunkedPath(_LossPath):
             token_classes=None if batch.token_classes is None else batch.token_classes[mask],
             rollout_log_probs=engine,
         )
-        return _BatchLoss(
+        return BatchLoss(
             out.loss,
             out.groups,
             out.per_token_loss,
             out.student_entropy,
             out.student_log_probs,
             engine,
+            out.statistics,
         )
-
-
-class _Totals:
-    """Sums over micro-batches (then ranks) behind the step's metrics.
-
-    Layout: per-group token counts and loss sums, then the loss, the student entropy, the token
-    count, and over tokens with engine log-probs their count, ``|delta|`` and ``k3`` sums, where
-    ``delta = log pi_train(y) - log pi_rollout(y)``.
-    """
-
-    def __init__(self, num_groups: int, device):
-        self.values = torch.zeros(2 * num_groups + 6, dtype=torch.float64, device=device)
-        self.num_groups = num_groups
-
-    def add(self, out: _BatchLoss) -> None:
-        g, groups = self.num_groups, out.groups
-        self.values[:g] += torch.bincount(groups, minlength=g)[:g].double()
-        self.values[g : 2 * g] += torch.zeros(
-            g, dtype=torch.float64, device=groups.device
-        ).index_add(0, groups, out.per_token.double())
-        self.values[2 * g] += out.loss.detach().double()
-        self.values[2 * g + 1] += out.entropy.double().sum()
-        self.values[2 * g + 2] += groups.numel()
-        if out.rollout_log_probs is not None:
-            delta = out.student_log_probs.double() - out.rollout_log_probs.double()  # [N]
-            self.values[2 * g + 3] += delta.numel()
-            self.values[2 * g + 4] += delta.abs().sum()
-            # k3 estimate of KL(rollout || train) from samples of the rollout engine.
-            self.values[2 * g + 5] += (delta.exp() - 1.0 - delta).sum()
-
-    def reduce(self, accelerator: Accelerator, objective: Objective) -> dict[str, float]:
-        values = sum_across(accelerator, self.values).tolist()
-        g, tokens = self.num_groups, max(values[2 * self.num_groups + 2], 1.0)
-        metrics = {
-            "loss": values[2 * g],
-            "student_entropy": values[2 * g + 1] / tokens,
-            "completion_tokens": values[2 * g + 2],
-        }
-        if values[2 * g + 3]:
-            metrics["mismatch/abs_log_prob_diff"] = values[2 * g + 4] / values[2 * g + 3]
-            metrics["mismatch/kl"] = values[2 * g + 5] / values[2 * g + 3]
-        for index, name in enumerate(objective.group_names):
-            count = values[index]
-            metrics[f"fraction/{name}"] = count / tokens
-            metrics[f"loss/{name}"] = values[g + index] / count if count else 0.0
-        return metrics

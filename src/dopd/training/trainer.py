@@ -8,7 +8,6 @@ with ``accelerate launch [--config_file configs/accelerate/...] -m dopd.cli trai
 from __future__ import annotations
 
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from transformers import get_cosine_schedule_with_warmup
 from dopd.config import PromptView, TrainConfig, save_config
 from dopd.errors import ConfigError, DOPDError
 from dopd.io.atomic import replacing
-from dopd.io.data import load_examples, tokenize_views
+from dopd.io.data import load_examples
 from dopd.modeling.ema import EMA
 from dopd.modeling.loading import check_sources, common_vocabulary, load_model, output_size
 from dopd.modeling.peft import (
@@ -42,11 +41,13 @@ from dopd.training.checkpoint import (
 from dopd.training.distributed import check_sharding, check_world_size, sum_across
 from dopd.training.evaluation import evaluate, load_verifier
 from dopd.training.faults import locate_nonfinite
+from dopd.training.prompts import tokenized_prompts
 from dopd.training.rollout import PromptSampler, completion_token_classes, rollout_seeds
-from dopd.training.run_dir import check_output_dir, prepare_output_dir, truncate_metrics
+from dopd.training.run_dir import check_output_dir, prepare_output_dir
 from dopd.training.run_lock import lock_run
 from dopd.training.shards import is_sharded
 from dopd.training.step import make_micro_batches, run_step
+from dopd.training.tracking import RunRecords, accelerator_options, quiet_progress_bars
 
 
 def _closes_on_error(method):
@@ -89,7 +90,9 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         # The schedule counts optimizer steps, not per-process batches: step it once per step.
         self.accelerator = Accelerator(
-            mixed_precision=config.loop.mixed_precision, step_scheduler_with_optimizer=False
+            mixed_precision=config.loop.mixed_precision,
+            step_scheduler_with_optimizer=False,
+            **accelerator_options(config),  # tracking.report_to's trackers, checked installed
         )
         check_world_size(self.accelerator)
         check_sharding(self.accelerator, config)
@@ -134,14 +137,14 @@ class Trainer:
             # Atomic: `--resume --config output_dir/config.yaml` must never meet a torn file.
             with replacing(self.output_dir / "config.yaml") as temp:
                 save_config(config, temp)
-            truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+        self.records = RunRecords(self.accelerator, config, self.tokenizer, self.step)
 
     # -- setup ------------------------------------------------------------------------------
     def _load_data(self, verifier) -> None:
         data = self.config.data
         columns = data.columns.mapping()
         train = load_examples(data.train, columns, subset=data.subset)
-        self.prompts = self._tokenized(train, "data.train")
+        self.prompts = tokenized_prompts(train, self.tokenizer, self.config, "train", self._warn)
         if len(self.prompts["plain"]) == 0:
             raise DOPDError(
                 f"data.train={data.train!r}: every prompt is longer than "
@@ -150,9 +153,12 @@ class Trainer:
             )
         # Evaluation decodes the plain prompt only: its rows may lack privileged context.
         self.eval_prompts = (
-            self._tokenized(
+            tokenized_prompts(
                 load_examples(data.eval, columns, privileged=False, subset=data.subset),
-                "data.eval",
+                self.tokenizer,
+                self.config,
+                "eval",
+                self._warn,
             )
             if data.eval
             else None
@@ -169,38 +175,8 @@ class Trainer:
             load_verifier(self.config.eval.verifier) if self.eval_prompts else None
         )
 
-    def _tokenized(self, examples, key: str) -> dict[str, list]:
-        data, kwargs = self.config.data, self.config.tokenizer.chat_template_kwargs
-        plain, privileged = tokenize_views(
-            examples,
-            self.tokenizer,
-            data.privileged_template,
-            kwargs,
-            require_privileged=key == "data.train",
-        )
-        keep = [
-            i
-            for i in range(len(examples))
-            if max(len(plain[i]), len(privileged[i])) <= data.max_prompt_length
-        ]
-        skipped = len(examples) - len(keep)
-        where = f"{key}={getattr(data, key.split('.')[1])!r}"
-        if skipped and data.overlong_prompts == "error":
-            raise DOPDError(
-                f"{where}: {skipped} of {len(examples)} prompts exceed "
-                f"data.max_prompt_length={data.max_prompt_length}; "
-                "fix: raise it, or set data.overlong_prompts=skip"
-            )
-        if skipped:
-            self.accelerator.print(
-                f"warning: {where}: skipped {skipped} of {len(examples)} prompts longer than "
-                f"data.max_prompt_length={data.max_prompt_length}"
-            )
-        return {
-            "plain": [plain[i] for i in keep],
-            "privileged": [privileged[i] for i in keep],
-            "answer": [examples[i].answer for i in keep],
-        }
+    def _warn(self, message: str) -> None:
+        self.accelerator.print(f"warning: {message}")
 
     def _build_models(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -278,6 +254,8 @@ class Trainer:
         if getattr(self, "_run_lock", None) is not None:
             self._run_lock.release()
         self._locked = False
+        if getattr(self, "records", None) is not None:
+            self.records.finish()
 
     def __enter__(self) -> Trainer:
         return self
@@ -295,6 +273,7 @@ class Trainer:
         The run lock is released when it returns or raises (``close``).
         """
         self._lock()
+        self.records.start()
         loop, max_steps = self.config.loop, self.config.optim.max_steps
         last = max_steps if stop_after is None else min(stop_after, max_steps)
         bar = tqdm(
@@ -308,7 +287,8 @@ class Trainer:
         self._train_until(last, bar)
         bar.close()
         if self.step == max_steps:
-            self._save_final_model()
+            with quiet_progress_bars():  # no "Writing model shards" bar below the run's
+                self._save_final_model()
         self.close()
 
     def _train_until(self, last: int, bar) -> None:
@@ -381,7 +361,9 @@ class Trainer:
             path=loop.loss_path,
             chunk_rows=loop.loss_chunk_rows,
             vocab_size=self.vocab_size,
+            record_tokens=self.records.sample_due(self.step + 1),
         )
+        self.records.write_samples(self.step + 1, result.tokens, view_prompts["student"], rows)
         metrics = {**result.metrics, **self._optimizer_step(result.loss)}
         if not metrics["skipped_step"]:
             self.rollout_backend.weights_changed()
@@ -482,9 +464,7 @@ class Trainer:
         return result
 
     def _log(self, record: dict[str, float]) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.output_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": self.step, **record}) + "\n")
+        self.records.log(self.step, record)  # metrics.jsonl and the trackers
 
     def _save_final_model(self) -> None:
         target, peft = self.output_dir / "model", self.config.peft

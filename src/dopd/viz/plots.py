@@ -216,6 +216,7 @@ def regimes_figure(records: Sequence[Mapping[str, Any]], *, title: str = "") -> 
     ax.stackplot(steps, fractions, labels=names, colors=[colors[n] for n in names], linewidth=0)
     ax.set(xlabel="step", ylabel="fraction of completion tokens", ylim=(0, 1), xlim=_span(steps))
     ax.grid(True, alpha=0.3)
+    _integer_steps(ax)
     # The legend lists the top of the stack first, as the eye reads the areas.
     _finish(figure, title, _legend_entries([ax]), reverse=True)
     return figure
@@ -273,6 +274,14 @@ def _style_axes(ax: Axes, key: str, label: str) -> None:
         ax.text(0.5, 0.5, f"no {key} logged", transform=ax.transAxes, ha="center", va="center")
     ax.set(title=label, xlabel="step", ylabel=label)
     ax.grid(True, alpha=0.3)
+    _integer_steps(ax)
+
+
+def _integer_steps(ax: Axes) -> None:
+    """Ticks at whole steps only (a short run would otherwise show steps 1.25, 1.5, ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _draw_references(ax: Axes, references: Mapping[str, float]) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """A self-contained HTML page of sampled rollouts, shown token by token and coloured by regime.
 
 Each token is a ``<span>`` whose background is its regime's colour and whose hover text (the
-``title`` attribute) reads ``regime=HT q_T=0.912 q_S=0.301 A=1.108``. The page has inline CSS
-only: no script and no external resource, so it opens offline and can be attached to a report.
+``title`` attribute) reads ``regime=HT q_T=0.912 q_S=0.301 A=1.108`` (then ``p=0.250``, the
+student's probability on the plain prompt, when the rollout has ``p_student``). The page has
+inline CSS only: no script and no external resource, so it opens offline and can be attached to
+a report.
 Every string that came from a model or a dataset (prompt, tokens, answer, completion, regime
 names, title, legend) is escaped with ``html.escape(..., quote=True)``, in text and attributes.
 
@@ -11,6 +13,7 @@ names, title, legend) is escaped with ``html.escape(..., quote=True)``, in text 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from html import escape
@@ -29,6 +32,7 @@ DEFAULT_LEGEND = {
     "HS": "light self-anchor: large gap, student more confident; anchor lightly to itself",
 }
 PER_TOKEN_FIELDS = ("tokens", "regimes", "q_teacher", "q_student", "gap")
+OPTIONAL_PER_TOKEN_FIELDS = ("p_student",)
 REQUIRED_FIELDS = ("prompt", *PER_TOKEN_FIELDS)
 NEWLINE_MARK = "\u21b5"  # ↵
 # Regime names go into class names only when they are plainly safe there.
@@ -60,7 +64,8 @@ def render_rollouts_html(
     Args:
         rollouts: dicts with ``prompt`` (str) and per-token lists of one length: ``tokens``
             (str), ``regimes`` (regime or group name), ``q_teacher``, ``q_student`` and ``gap``
-            (floats); optionally ``answer`` (str), ``correct`` (bool), ``completion`` (str).
+            (floats; NaN reads n/a); optionally ``answer`` (str), ``correct`` (bool),
+            ``completion`` (str) and per-token ``p_student`` (floats).
         title: page title.
         legend: regime name -> description; DOPD's four regimes by default. Regimes that occur
             but are not described still get a colour and a legend row.
@@ -103,11 +108,19 @@ def write_rollouts_html(
     return path
 
 
-def hover_text(regime: str, q_teacher: float, q_student: float, gap: float) -> str:
-    """The (unescaped) hover text of one token, e.g. ``regime=HT q_T=0.912 q_S=0.301 A=1.108``."""
-    return (
-        f"regime={regime} q_T={float(q_teacher):.3f} q_S={float(q_student):.3f} A={float(gap):.3f}"
-    )
+def hover_text(
+    regime: str, q_teacher: float, q_student: float, gap: float, p_student: float | None = None
+) -> str:
+    """The (unescaped) hover text of one token, e.g. ``regime=HT q_T=0.912 q_S=0.301 A=1.108``,
+    then `` p=0.250`` when ``p_student`` is given; a value that is NaN (not recorded) reads
+    ``n/a``."""
+    text = f"regime={regime} q_T={_value(q_teacher)} q_S={_value(q_student)} A={_value(gap)}"
+    return text if p_student is None else f"{text} p={_value(p_student)}"
+
+
+def _value(value: float) -> str:
+    value = float(value)
+    return f"{value:.3f}" if not math.isnan(value) else "n/a"
 
 
 def _check_rollout(index: int, rollout: Mapping[str, Any]) -> None:
@@ -117,7 +130,8 @@ def _check_rollout(index: int, rollout: Mapping[str, Any]) -> None:
             f"rollout {index} lacks {', '.join(missing)}; each rollout needs "
             f"{', '.join(REQUIRED_FIELDS)}"
         )
-    lengths = {field: len(rollout[field]) for field in PER_TOKEN_FIELDS}
+    present = [field for field in OPTIONAL_PER_TOKEN_FIELDS if field in rollout]
+    lengths = {field: len(rollout[field]) for field in (*PER_TOKEN_FIELDS, *present)}
     if len(set(lengths.values())) > 1:
         raise DataError(
             f"rollout {index} has per-token lists of different lengths {lengths}; "
@@ -158,11 +172,11 @@ def _rollout_html(index: int, rollout: Mapping[str, Any], classes: dict[str, str
         parts.append(f"<p>answer: <code>{escape(str(rollout['answer']))}</code></p>")
     if "correct" in rollout:
         parts.append(_verdict_html(bool(rollout["correct"])))
+    values = zip(*(rollout[field] for field in PER_TOKEN_FIELDS))
+    p_student = rollout.get("p_student") or [None] * len(rollout["tokens"])
     spans = "".join(
-        _token_span(str(token), str(regime), q_teacher, q_student, gap, classes[str(regime)])
-        for token, regime, q_teacher, q_student, gap in zip(
-            *(rollout[field] for field in PER_TOKEN_FIELDS)
-        )
+        _token_span(str(token), str(regime), (q_teacher, q_student, gap, p), classes[str(regime)])
+        for (token, regime, q_teacher, q_student, gap), p in zip(values, p_student)
     )
     parts.append(f'<div class="tokens">{spans}</div>')
     if "completion" in rollout:
@@ -179,10 +193,9 @@ def _verdict_html(correct: bool) -> str:
     )
 
 
-def _token_span(
-    token: str, regime: str, q_teacher: float, q_student: float, gap: float, class_name: str
-) -> str:
-    hover = escape(hover_text(regime, q_teacher, q_student, gap), quote=True)
+def _token_span(token: str, regime: str, values: tuple, class_name: str) -> str:
+    """One token's span; ``values``: its ``(q_teacher, q_student, gap, p_student or None)``."""
+    hover = escape(hover_text(regime, *values), quote=True)
     # A newline token stays visible as ↵ and still breaks the line where the model broke it.
     text = f"{NEWLINE_MARK}<br>".join(escape(part) for part in token.split("\n"))
     return f'<span class="tok {class_name}" title="{hover}">{text}</span>'
