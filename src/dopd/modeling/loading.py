@@ -101,9 +101,15 @@ def load_tokenizer(tokenizer_spec, student_spec) -> PreTrainedTokenizerBase:
     else:
         key, source, trust = tokenizer_source(tokenizer_spec, student_spec)
         tokenizer = load_pretrained(AutoTokenizer, key, source, trust_remote_code=trust)
+    return with_eos_and_pad(tokenizer, f"{key}={quote(source)}")
+
+
+def with_eos_and_pad(tokenizer: PreTrainedTokenizerBase, where: str) -> PreTrainedTokenizerBase:
+    """``tokenizer``, padding with its EOS token where it has no pad token; a ``ConfigError``
+    naming ``where`` if it has no EOS token (no completion could end)."""
     if tokenizer.eos_token_id is None:
         raise ConfigError(
-            f"{key}={quote(source)}: the tokenizer has no eos_token, so no completion could end; "
+            f"{where}: the tokenizer has no eos_token, so no completion could end; "
             "fix: set eos_token in its tokenizer_config.json (or use the model's own tokenizer)"
         )
     if tokenizer.pad_token_id is None:

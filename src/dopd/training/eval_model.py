@@ -25,7 +25,7 @@ from dopd.config import TrainConfig, load_config
 from dopd.errors import ConfigError, DOPDError
 from dopd.io.atomic import write_text_atomically
 from dopd.io.data import load_examples, tokenize_prompt
-from dopd.modeling.loading import load_model, load_pretrained, load_tokenizer
+from dopd.modeling.loading import load_model, load_pretrained, load_tokenizer, with_eos_and_pad
 from dopd.modeling.peft import apply_lora
 from dopd.training.checkpoint_files import STATE_FILE
 from dopd.training.evaluation import EvalResult, evaluate, load_verifier
@@ -63,14 +63,9 @@ def load_eval_model(source: str, config: TrainConfig | None = None) -> tuple[Any
     if is_checkpoint(source):
         model, tokenizer = _checkpoint_student(Path(source), config or checkpoint_config(source))
     else:
-        tokenizer = load_pretrained(AutoTokenizer, "--model", source)
-        if tokenizer.eos_token_id is None:
-            raise ConfigError(
-                f"--model={source!r}: the tokenizer has no eos_token, so no answer could end; "
-                "fix: set eos_token in its tokenizer_config.json"
-            )
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = with_eos_and_pad(
+            load_pretrained(AutoTokenizer, "--model", source), f"--model={source!r}"
+        )
         model = load_pretrained(AutoModelForCausalLM, "--model", source)
     if torch.cuda.is_available():
         model = model.to("cuda")
