@@ -2,7 +2,8 @@
 tiny student (torch's ``fully_shard`` over a gloo mesh, the engine accelerate's FSDP2 plugin
 applies on GPUs) is checkpointed, trained on, restored and exported.
 
-    python -m accelerate.commands.launch --multi_gpu --num_processes 2 tests/sharded_worker.py OUT
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 tests/sharded_worker.py \
+        OUT full|killed_in_save|resumed
 
 Writes ``OUT/rank<r>.json``: whether the parameters were sharded, the files each checkpoint held,
 and whether the step after a restore reproduced the step after the save bit for bit.
@@ -11,6 +12,8 @@ and whether the step after a restore reproduced the step after the save bit for 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,13 +24,15 @@ from torch.distributed.fsdp import fully_shard
 
 from dopd.config import ObjectiveConfig
 from dopd.modeling.tiny import build_char_tokenizer, build_tiny_model
+from dopd.training import checkpoint
 from dopd.training.checkpoint import (
     TrainingState,
     load_checkpoint,
+    load_latest_checkpoint,
     save_checkpoint,
     save_final_model,
 )
-from dopd.training.checkpoint_files import checkpoint_dir
+from dopd.training.checkpoint_files import checkpoint_dir, remove_stale_temporaries
 from dopd.training.rollout import generate_rollouts
 from dopd.training.shards import is_sharded, local
 from dopd.training.step import make_micro_batches, run_step
@@ -161,5 +166,42 @@ def main(out: Path) -> None:
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
 
 
+def killed_in_save(out: Path) -> None:
+    """Checkpoint step 2, then die by SIGKILL (main process) while step 3's checkpoint is being
+    published: after every rank has written its slice, before the folder is renamed."""
+    accelerator = Accelerator(cpu=True)
+    state = sharded_student(accelerator)
+    for step in range(2):
+        train_step(state, accelerator, step)
+    save_checkpoint(accelerator, out / "run", 2, state)
+    (out / f"saved{accelerator.process_index}.json").write_text(
+        json.dumps({k: v.tolist() for k, v in local_parameters(state).items()})
+    )
+    train_step(state, accelerator, 2)
+
+    def die(temp: Path, target: Path) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.publish = die
+    save_checkpoint(accelerator, out / "run", 3, state)
+
+
+def resumed(out: Path) -> None:
+    """Resume what ``killed_in_save`` left: the newest valid checkpoint, back into the slices."""
+    accelerator = Accelerator(cpu=True)
+    state = sharded_student(accelerator)
+    if accelerator.is_main_process:
+        remove_stale_temporaries(out / "run")
+    accelerator.wait_for_everyone()
+    step = load_latest_checkpoint(accelerator, out / "run", state)
+    saved = json.loads((out / f"saved{accelerator.process_index}.json").read_text())
+    restored = {k: v.tolist() for k, v in local_parameters(state).items()}
+    (out / f"resumed{accelerator.process_index}.json").write_text(
+        json.dumps({"step": step, "bit_identical": restored == saved})
+    )
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    {"full": main, "killed_in_save": killed_in_save, "resumed": resumed}[sys.argv[2]](
+        Path(sys.argv[1])
+    )

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from dopd.config import load_config
 from dopd.errors import ConfigError, DOPDError
-from dopd.training.checkpoint_files import checkpoint_dir, verify_checkpoint
+from dopd.training.checkpoint_files import checkpoint_dir, latest_checkpoint, verify_checkpoint
 from dopd.training.distributed import check_sharding
 from dopd.training.shards import is_sharded, layout, load_local_, local
 from tests.test_trainer import _free_port
@@ -28,9 +28,8 @@ from tests.tolerance import REORDERED, assert_close
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def sharded_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sharded")
+def _launch(out: Path, mode: str) -> subprocess.CompletedProcess:
+    """``tests/sharded_worker.py OUT MODE`` in 2 CPU processes."""
     command = [
         sys.executable,
         "-m",
@@ -48,13 +47,37 @@ def sharded_run(tmp_path_factory) -> Path:
         str(_free_port()),
         str(ROOT / "tests" / "sharded_worker.py"),
         str(out),
+        mode,
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
+    return subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sharded")
+    result = _launch(out, "full")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.mark.slow
+def test_a_kill_while_publishing_a_sharded_checkpoint_leaves_the_previous_one(tmp_path):
+    killed = _launch(tmp_path, "killed_in_save")
+    assert killed.returncode != 0  # the main process died of SIGKILL, the launcher stopped
+    run = tmp_path / "run"
+    # Every rank's slice of step 3 was written, but only into the unpublished .tmp- folder.
+    leftovers = [p.name for p in (run / "checkpoints").iterdir()]
+    assert sorted(leftovers)[0].startswith(".tmp-step-000003-"), leftovers
+    assert latest_checkpoint(run) == checkpoint_dir(run, 2)
+    resumed = _launch(tmp_path, "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for rank in range(2):
+        report = json.loads((tmp_path / f"resumed{rank}.json").read_text())
+        assert report == {"step": 2, "bit_identical": True}
+    assert not any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
 
 
 def _reports(out: Path) -> list[dict]:
