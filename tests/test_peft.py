@@ -315,7 +315,6 @@ PEFT_ERRORS = [
     (["peft.export=full"], ["peft.export='full'", "'merged', 'adapter'"]),
     (["peft.enabled=yes"], ["peft.enabled: expected bool"]),
     (["peft.rank=8"], ["peft.rank is not a config key", "enabled, r, alpha"]),
-    (["rollout.backend=vllm"], ["peft.enabled=True", "rollout.backend='vllm'", "backend=hf"]),
 ]
 
 

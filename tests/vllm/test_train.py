@@ -142,3 +142,20 @@ def test_server_mode_without_a_server_fails_with_one_line(tmp_path):
     assert result.returncode != 0
     assert "no vLLM server answered" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_lora_student_keeps_the_engine_in_sync(tmp_path):
+    # LoRA's B starts at zero: unless each sync carries the adapted layers (merged), the engine
+    # would sample from the base model while the trainer scores the adapted one, and the mismatch
+    # would grow as the adapters move (lr 1e-2 moves them once the warm-up starts).
+    run = tmp_path / "lora"
+    lora = ("--set", "peft.enabled=true", "--set", "peft.r=4", "--set", "optim.lr=1e-2")
+    dopd("train", "--config", str(CONFIG), "--set", f"output_dir={run}", *STEPS, *lora)
+    check_mismatch_logged(metrics(run), 3)
+    from safetensors.torch import load_file
+
+    merged = load_file(str(run / "model" / "model.safetensors"))
+    base = load_file(str(run / "checkpoints" / "step-000003" / "student.safetensors"))
+    adapted = [k for k in base if "lora_B" in k]
+    assert adapted and any(base[k].abs().max() > 0 for k in adapted)
+    assert not any("lora" in k for k in merged)

@@ -328,11 +328,6 @@ class TrainConfig:
                 f"loop.eval_every={self.loop.eval_every} needs held-out data; "
                 "set data.eval or loop.eval_every=0"
             )
-        if self.peft.enabled and self.rollout.backend == "vllm":
-            raise ConfigError(
-                "peft.enabled=True with rollout.backend='vllm': LoRA students are not supported "
-                "by the vllm backend yet; fix: set rollout.backend=hf or peft.enabled=false"
-            )
 
     @property
     def tokenizer_path(self) -> str | None:

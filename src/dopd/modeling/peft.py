@@ -240,11 +240,14 @@ class AdapterEMA(torch.nn.Module):
             average.lerp_(current.detach().to(average.dtype), 1.0 - self.decay)
 
 
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: torch.nn.Module, adapted_only: bool = False
+) -> dict[str, torch.Tensor]:
     """The state dict of the Hugging Face model inside the ``PeftModel`` ``model``, with each
     layer's active LoRA updates added to its weight (``weight + B @ A * alpha / r``, as peft's
     ``merge`` adds them), under the layer's own names. Nothing of ``model`` changes: only the
-    adapted weights are new tensors, every other entry is the live tensor itself."""
+    adapted weights are new tensors, every other entry is the live tensor itself.
+    ``adapted_only``: just the adapted weights (what a training step can change)."""
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
@@ -262,7 +265,8 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for key, tensor in base.state_dict().items():
         if any(part.startswith("lora_") for part in key.split(".")):
             continue
-        state[key.replace(".base_layer.", ".")] = merged.get(key, tensor)
+        if key in merged or not adapted_only:
+            state[key.replace(".base_layer.", ".")] = merged.get(key, tensor)
     return state
 
 

@@ -77,14 +77,16 @@ class _VLLMBackend:
 
     def __init__(self, rollout: RolloutConfig, tokenizer, vocab_size: int):
         self.rollout, self.tokenizer, self.vocab_size = rollout, tokenizer, vocab_size
-        # Stale at first: a resumed run's weights are not those the engine loaded.
-        self.stale, self.sync_seconds = True, 0.0
+        # Stale at first: a resumed run's weights are not those the engine loaded. The first sync
+        # sends every weight; later ones only what a step can change (a LoRA student's adapted
+        # layers; a full student's every weight).
+        self.stale, self.sync_seconds, self.synced_once = True, 0.0, False
 
     def generate(self, policy, prompt_ids: list[list[int]], row_seeds: Tensor) -> Rollouts:
         self.sync_seconds = 0.0
         if self.stale:
-            self.sync_seconds = self._load_weights(policy)
-            self.stale = False
+            self.sync_seconds = self._load_weights(named_weights(policy, self.synced_once))
+            self.stale, self.synced_once = False, True
         rollout, generations = self.rollout, self.rollout.num_generations
         request = SamplingRequest(
             prompts=[list(ids) for ids in prompt_ids for _ in range(generations)],
@@ -113,7 +115,8 @@ class _VLLMBackend:
     def _generate(self, request: SamplingRequest):
         raise NotImplementedError
 
-    def _load_weights(self, policy) -> float:
+    def _load_weights(self, weights) -> float:
+        """Send ``(name, tensor)`` pairs to the engine; returns the seconds it took."""
         raise NotImplementedError
 
 
@@ -133,9 +136,9 @@ class VLLMColocateBackend(_VLLMBackend):
             self.sleeping = True
         return out
 
-    def _load_weights(self, policy) -> float:
+    def _load_weights(self, weights) -> float:
         self._wake()
-        return engine_load_weights(self.llm, named_weights(policy))
+        return engine_load_weights(self.llm, weights)
 
     def _wake(self) -> None:
         if self.sleeping:
@@ -156,11 +159,11 @@ class VLLMServerBackend(_VLLMBackend):
         answer = json.loads(self._post("/generate", json.dumps(asdict(request)).encode()))
         return answer["completions"], answer["log_probs"]
 
-    def _load_weights(self, policy) -> float:
+    def _load_weights(self, weights) -> float:
         start = time.perf_counter()
         if self.accelerator.is_main_process:  # every rank holds the same weights
             # safetensors refuses tensors that share memory (tied embeddings): one copy each.
-            tensors = {name: t.contiguous().clone() for name, t in named_weights(policy)}
+            tensors = {name: t.contiguous().clone() for name, t in weights}
             self._post("/update_weights", save_safetensors(tensors))
         self.accelerator.wait_for_everyone()
         return time.perf_counter() - start

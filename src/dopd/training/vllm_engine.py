@@ -36,6 +36,7 @@ from torch import Tensor
 
 from dopd.config import TrainConfig
 from dopd.errors import ConfigError
+from dopd.modeling.peft import export_model, is_peft_model, merged_state_dict
 
 CPU_MIN_HEAD_DIM = 32  # the narrowest heads vLLM's CPU attention kernels accept
 _SEED_MASK = (1 << 63) - 1  # vLLM seeds are non-negative; -1 means "no seed"
@@ -183,8 +184,14 @@ def engine_load_weights(llm, weights: Iterable[tuple[str, Tensor]]) -> float:
     return time.perf_counter() - start
 
 
-def named_weights(model: torch.nn.Module) -> Sequence[tuple[str, Tensor]]:
-    """The student's state dict as ``(name, tensor)`` pairs, detached, in its own dtype."""
+def named_weights(
+    model: torch.nn.Module, changed_only: bool = False
+) -> Sequence[tuple[str, Tensor]]:
+    """The student's state dict as ``(name, tensor)`` pairs, detached, in its own dtype. A LoRA
+    student gives its merged weights (the engine knows no adapters); ``changed_only``: just the
+    adapted layers' weights, all a training step of a LoRA student can change."""
+    if is_peft_model(model):
+        return list(merged_state_dict(model, adapted_only=changed_only).items())
     return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
 
 
@@ -194,8 +201,11 @@ def engine_model(config: TrainConfig, tokenizer, student) -> tuple[str | None, s
     if config.student.path is not None:
         return None, config.student.path
     directory = tempfile.mkdtemp(prefix="dopd-vllm-")
-    student.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    if is_peft_model(student):  # the engine loads a plain model: the adapters folded in
+        export_model(student, directory, tokenizer, "merged")
+    else:
+        student.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
     return directory, directory
 
 
