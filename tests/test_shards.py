@@ -183,3 +183,81 @@ def test_what_fsdp2_cannot_run_yet_is_refused(overrides, match):
     fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
     with pytest.raises(DOPDError, match="fsdp_version: 2"):
         check_sharding(fsdp1, _tiny())
+
+
+def _launch_fsdp2(output_dir: Path, *extra: str) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "ddp-cpu.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "fsdp2_worker.py"),
+        str(output_dir),
+        *extra,
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _launch_ddp(output_dir: Path) -> None:
+    from tests.fsdp2_worker import OVERRIDES
+
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "ddp-cpu.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "dopd.cli",
+        "train",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--set",
+        f"output_dir={output_dir}",
+    ]
+    for item in OVERRIDES:
+        command += ["--set", item]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _losses(run: Path) -> list[dict]:
+    keys = ("step", "loss", "grad_norm", "completion_length", "fraction/HT")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: json.loads(line)[k] for k in keys} for line in lines]
+
+
+@pytest.mark.slow
+def test_accelerates_fsdp2_prepare_trains_like_ddp_and_resumes_exactly(tmp_path):
+    # accelerate's FSDP2 plugin, made to run on CPU (tests/fsdp2_worker.py): it shards the student
+    # with its optimizer and the teacher; 4 steps equal DDP's to fp32 rounding, a run stopped
+    # after 2 and resumed equals the uninterrupted one, and the export gathers the shards.
+    _launch_fsdp2(tmp_path / "fsdp2")
+    _launch_ddp(tmp_path / "ddp")
+    _launch_fsdp2(tmp_path / "split", "--stop-after", "2")
+    _launch_fsdp2(tmp_path / "split", "--resume")
+    fsdp2, ddp, split = (_losses(tmp_path / name) for name in ("fsdp2", "ddp", "split"))
+    assert len(fsdp2) == len(ddp) == 4
+    for ours, theirs in zip(fsdp2, ddp):
+        assert ours["completion_length"] == theirs["completion_length"]  # same rollouts
+        for key in ("loss", "grad_norm", "fraction/HT"):
+            assert_close(torch.tensor(ours[key]), torch.tensor(theirs[key]), ulps=REORDERED)
+    assert split == fsdp2
+    files = {p.name for p in (tmp_path / "fsdp2" / "checkpoints" / "step-000004").iterdir()}
+    assert {"student.rank00000.safetensors", "student.rank00001.safetensors"} <= files
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2" / "model")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "model")
+    for (name, ours), (_, theirs) in zip(exported.named_parameters(), reference.named_parameters()):
+        assert_close(ours.detach(), theirs.detach(), ulps=REORDERED, msg=name)

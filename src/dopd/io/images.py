@@ -100,7 +100,9 @@ def load_vision_examples(
     check_box_format(box_format)
     rows = read_rows(source, subset)
     if not rows:
-        raise DataError(f"{source}: no examples found; fix: add at least one row ({VISION_ROW_FIX})")
+        raise DataError(
+            f"{source}: no examples found; fix: add at least one row ({VISION_ROW_FIX})"
+        )
     base = Path(source).parent if Path(source).is_file() else None
     return [
         vision_example_from_row(
@@ -153,7 +155,9 @@ def vision_example_from_row(
         )
     answer = row.get("answer")
     if answer is not None and (not isinstance(answer, str) or not answer.strip()):
-        raise DataError(f"{where}: answer={quote(answer)} is not non-blank text; fix: write it as text")
+        raise DataError(
+            f"{where}: answer={quote(answer)} is not non-blank text; fix: write it as text"
+        )
     return VisionExample(prompt, images, boxes, box_format, answer)
 
 
@@ -172,6 +176,11 @@ def load_image(value: Any, where: str, base_dir: Path | None = None) -> Image.Im
             raise DataError(
                 f"{where}: an image dict needs 'bytes' or 'path', got keys "
                 f"{quote(sorted(value))}; fix: give the file path or its bytes"
+            )
+        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+            raise DataError(
+                f"{where}: 'bytes' holds a {type(data).__name__}, not raw bytes; fix: store the "
+                "encoded image file's bytes (JSON cannot: give a 'path' there)"
             )
         value = data if data is not None else path
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -227,8 +236,10 @@ def parse_boxes(
     if not isinstance(value, list):
         raise DataError(f"{where}: boxes={quote(value)} is not a list; fix: {fix}")
     width, height = (1000, 1000) if box_format == "normalized_1000" else image_size
-    frame = "the 1000 x 1000 grid" if box_format == "normalized_1000" else (
-        f"the {width}x{height} image"
+    frame = (
+        "the 1000 x 1000 grid"
+        if box_format == "normalized_1000"
+        else (f"the {width}x{height} image")
     )
     boxes = []
     for index, item in enumerate(value):
@@ -237,7 +248,9 @@ def parse_boxes(
             raise DataError(f"{where}: {field}={quote(item)} is not {{label, box}}; fix: {fix}")
         label, corners = item["label"], item["box"]
         if not isinstance(label, str) or not label.strip():
-            raise DataError(f"{where}: {field}.label={quote(label)} is not non-blank text; fix: {fix}")
+            raise DataError(
+                f"{where}: {field}.label={quote(label)} is not non-blank text; fix: {fix}"
+            )
         if (
             not isinstance(corners, list)
             or len(corners) != 4

@@ -141,7 +141,11 @@ def build_tiny_vlm(
     if family == "qwen2_vl":
         sections = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # 128: [16, 24, 24]
     else:
-        sections = [half - 2 * (5 * half // 16), 5 * half // 16, 5 * half // 16]  # 128: [24, 20, 20]
+        sections = [
+            half - 2 * (5 * half // 16),
+            5 * half // 16,
+            5 * half // 16,
+        ]  # 128: [24, 20, 20]
     text = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden_size,
@@ -150,7 +154,11 @@ def build_tiny_vlm(
         "num_attention_heads": num_attention_heads,
         "num_key_value_heads": num_key_value_heads,
         "max_position_embeddings": 512,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": sections,
+        },
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
@@ -160,9 +168,9 @@ def build_tiny_vlm(
     if family == "qwen2_vl":
         if head_dim * num_attention_heads != hidden_size:
             raise ConfigError(
-                f"qwen2_vl has head_dim = hidden_size / num_attention_heads, but head_dim={head_dim}"
-                f", hidden_size={hidden_size}, num_attention_heads={num_attention_heads}; fix: make "
-                "them agree"
+                f"qwen2_vl needs head_dim = hidden_size / num_attention_heads, got "
+                f"head_dim={head_dim}, hidden_size={hidden_size}, "
+                f"num_attention_heads={num_attention_heads}; fix: make them agree"
             )
         vision = {
             "depth": vision_depth,

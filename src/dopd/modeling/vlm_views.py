@@ -28,7 +28,11 @@ import torch
 from torch import Tensor
 
 from dopd.errors import DOPDError
-from dopd.io.data import DEFAULT_PRIVILEGED_TEMPLATE, RESERVED_CHAT_KWARGS, check_privileged_template
+from dopd.io.data import (
+    DEFAULT_PRIVILEGED_TEMPLATE,
+    RESERVED_CHAT_KWARGS,
+    check_privileged_template,
+)
 from dopd.io.images import DEFAULT_BOX_TEMPLATE, BoxRender, VisionExample, render_boxes
 from dopd.modeling.alignment import build_view_inputs, left_pad, unwrapped, vocabulary_slice
 

@@ -240,7 +240,8 @@ class Trainer:
         """A frozen view's model on this rank: sharded like the student under FSDP2 (no optimizer
         state), else a whole replica on the device."""
         if self.accelerator.distributed_type == DistributedType.FSDP:
-            return self.accelerator.prepare_model(model)
+            # accelerate shards a model alone through prepare() (prepare_model refuses FSDP2).
+            return self.accelerator.prepare(model)
         return model.to(self.accelerator.device)
 
     def _lock(self) -> None:
