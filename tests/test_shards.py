@@ -28,31 +28,27 @@ from tests.tolerance import REORDERED, assert_close
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _launch(out: Path, mode: str) -> subprocess.CompletedProcess:
-    """``tests/sharded_worker.py OUT MODE`` in 2 CPU processes."""
+def _cpu_launch(*program: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``program`` in 2 gloo processes (the shipped CPU DDP config)."""
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "ddp-cpu.yaml"),
         "--main_process_port",
         str(_free_port()),
-        str(ROOT / "tests" / "sharded_worker.py"),
-        str(out),
-        mode,
+        *program,
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )
+
+
+def _launch(out: Path, mode: str) -> subprocess.CompletedProcess:
+    """``tests/sharded_worker.py OUT MODE`` in 2 CPU processes."""
+    return _cpu_launch(str(ROOT / "tests" / "sharded_worker.py"), str(out), mode)
 
 
 @pytest.fixture(scope="module")
@@ -186,50 +182,17 @@ def test_what_fsdp2_cannot_run_yet_is_refused(overrides, match):
 
 
 def _launch_fsdp2(output_dir: Path, *extra: str) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "ddp-cpu.yaml"),
-        "--main_process_port",
-        str(_free_port()),
-        str(ROOT / "tests" / "fsdp2_worker.py"),
-        str(output_dir),
-        *extra,
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    result = _cpu_launch(str(ROOT / "tests" / "fsdp2_worker.py"), str(output_dir), *extra)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _launch_ddp(output_dir: Path) -> None:
     from tests.fsdp2_worker import OVERRIDES
 
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "ddp-cpu.yaml"),
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "dopd.cli",
-        "train",
-        "--config",
-        str(ROOT / "configs" / "tiny.yaml"),
-        "--set",
-        f"output_dir={output_dir}",
-    ]
-    for item in OVERRIDES:
-        command += ["--set", item]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    overrides = [f"output_dir={output_dir}", *OVERRIDES]
+    config = ["--config", str(ROOT / "configs" / "tiny.yaml")]
+    sets = [item for override in overrides for item in ("--set", override)]
+    result = _cpu_launch("-m", "dopd.cli", "train", *config, *sets)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
