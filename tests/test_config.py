@@ -55,6 +55,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_follow_the_documented_schema():
     model = {
+        "kind": "causal_lm",
         "tiny": None,
         "dtype": "auto",
         "attn_implementation": "auto",
@@ -82,10 +83,15 @@ def test_defaults_follow_the_documented_schema():
                 "privileged_context": "privileged_context",
                 "answer": "answer",
                 "privileged_prompt": None,
+                "images": "images",
+                "boxes": "boxes",
             },
             "privileged_template": "{prompt}\n\n{privileged_context}",
             "max_prompt_length": 512,
             "overlong_prompts": "skip",
+            "box_format": "absolute",
+            "box_template": "{label}: [{x1}, {y1}, {x2}, {y2}]",
+            "box_render": "normalized_1000",
         },
         "objective": {"name": "dopd"},
         "views": {
@@ -207,6 +213,21 @@ def test_real_configs_load_with_the_paper_recipe(name):
     assert (config.loop.mixed_precision, config.loop.gradient_checkpointing) == ("bf16", True)
     assert config.tokenizer.chat_template_kwargs == {"enable_thinking": False}
     assert config.tokenizer_path == REAL_CONFIGS[name][1]
+    assert not (REPO / config.data.train).exists()  # a placeholder: loading checks no files
+
+
+def test_vision_language_config_loads_with_the_paper_recipe():
+    config = load_config(REPO / "configs" / "qwen3-vl-8b-to-2b.yaml")
+    assert (config.teacher.path, config.student.path) == (
+        "Qwen/Qwen3-VL-8B-Instruct",
+        "Qwen/Qwen3-VL-2B-Instruct",
+    )
+    assert config.is_vlm and config.teacher.kind == "image_text_to_text"
+    assert config.objective.name == "dopd" and config.objective.options == {}
+    assert config.optim.lr == 5e-6 and config.optim.max_steps <= 300
+    assert (config.rollout.prompts_per_step, config.rollout.num_generations) == (64, 4)
+    assert (config.data.box_render, config.data.eval) == ("normalized_1000", None)
+    assert config.tokenizer_path == "Qwen/Qwen3-VL-2B-Instruct"
     assert not (REPO / config.data.train).exists()  # a placeholder: loading checks no files
 
 

@@ -352,7 +352,8 @@ def test_two_processes_without_a_process_group_are_refused(tmp_path):
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     errors = [line for line in result.stderr.splitlines() if line.startswith("dopd: error: ")]
-    assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]
+    # The launcher may stop the second process once the first has failed, before it prints.
+    assert result.returncode != 0 and 1 <= len(errors) <= 2, result.stderr[-3000:]
     assert all("the launcher started 2 processes (WORLD_SIZE=2" in line for line in errors)
     assert not output_dir.exists()
 

@@ -323,11 +323,46 @@ class TrainConfig:
                 f"reference is set but objective {self.objective.name!r} uses no reference model; "
                 "remove reference or choose an objective that uses one (exopd)"
             )
+        self._check_vision_language()
         if self.loop.eval_every > 0 and self.data.eval is None:
             raise ConfigError(
                 f"loop.eval_every={self.loop.eval_every} needs held-out data; "
                 "set data.eval or loop.eval_every=0"
             )
+
+    @property
+    def is_vlm(self) -> bool:
+        """Whether this is a vision-language run (``student.kind: image_text_to_text``)."""
+        return self.student.kind == "image_text_to_text"
+
+    def _check_vision_language(self) -> None:
+        """Every model of a run is of the student's kind; what VLM runs cannot do yet."""
+        models = {"teacher": self.teacher, "reference": self.reference}
+        for key, spec in models.items():
+            if spec is not None and spec.kind != self.student.kind:
+                raise ConfigError(
+                    f"{key}.kind={spec.kind} but student.kind={self.student.kind}: a run's "
+                    "models must all be text or all be vision-language; fix: use one kind"
+                )
+        if not self.is_vlm:
+            return
+        refused = [
+            ("data.eval", self.data.eval, self.data.eval is not None, "evaluation on vision rows"),
+            (
+                "rollout.backend",
+                self.rollout.backend,
+                self.rollout.backend != "hf",
+                "vLLM rollouts",
+            ),
+            ("peft.enabled", self.peft.enabled, self.peft.enabled, "a LoRA student"),
+        ]
+        for key, value, is_set, what in refused:
+            if is_set:
+                raise ConfigError(
+                    f"{key}={value!r}: not supported yet in vision-language runs ({what}; "
+                    f"student.kind=image_text_to_text); fix: remove {key} or set it to its "
+                    "default (docs/training.md §12)"
+                )
 
     @property
     def tokenizer_path(self) -> str | None:

@@ -15,6 +15,14 @@ from typing import Literal, get_args
 from dopd.config.loading import doc
 from dopd.errors import ConfigError, quote, require_choice, require_int, require_str
 from dopd.io.data import DEFAULT_COLUMNS, DEFAULT_PRIVILEGED_TEMPLATE, check_privileged_template
+from dopd.io.images import (
+    BOX_FORMATS,
+    BOX_RENDERS,
+    DEFAULT_BOX_TEMPLATE,
+    BoxFormat,
+    BoxRender,
+    check_box_template,
+)
 
 OverlongPrompts = Literal["skip", "error"]
 OVERLONG_PROMPTS: tuple[OverlongPrompts, ...] = get_args(OverlongPrompts)
@@ -60,15 +68,29 @@ class DataColumns:
         ),
     )
 
+    images: str = field(
+        default="images",
+        metadata=doc("vision-language runs: the image(s) of a row (path, bytes or a list)"),
+    )
+    boxes: str = field(
+        default="boxes",
+        metadata=doc("vision-language runs: the privileged boxes [{label, box}] of a row"),
+    )
+
     def __post_init__(self) -> None:
-        for name in ("prompt", "messages", "privileged_context", "answer"):
+        for name in ("prompt", "messages", "privileged_context", "answer", "images", "boxes"):
             _check_path(name, getattr(self, name))
         if self.privileged_prompt is not None:
             _check_path("privileged_prompt", self.privileged_prompt)
 
     def mapping(self) -> dict[str, str | None]:
-        """The columns as ``dopd.io.data.load_examples`` takes them."""
-        return asdict(self)
+        """The text columns as ``dopd.io.data.load_examples`` takes them."""
+        columns = asdict(self)
+        return {name: columns[name] for name in DEFAULT_COLUMNS}
+
+    def vision_mapping(self) -> dict[str, str]:
+        """The columns of a vision row as ``dopd.io.images.load_vision_examples`` takes them."""
+        return {name: getattr(self, name) for name in ("prompt", "images", "boxes", "answer")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +122,27 @@ class DataConfig:
     overlong_prompts: OverlongPrompts = field(
         default="skip", metadata=doc("what to do with a longer prompt: skip or error")
     )
+    box_format: BoxFormat = field(
+        default="absolute",
+        metadata=doc(
+            "vision-language runs: box corners in the data, absolute (pixels of the original "
+            "image) or normalized_1000 (a 1000 x 1000 grid)"
+        ),
+    )
+    box_template: str = field(
+        default=DEFAULT_BOX_TEMPLATE,
+        metadata=doc(
+            "vision-language runs: the privileged text of one box, with {x1} {y1} {x2} {y2} "
+            "and optionally {label}; boxes are joined by newlines"
+        ),
+    )
+    box_render: BoxRender = field(
+        default="normalized_1000",
+        metadata=doc(
+            "vision-language runs: coordinates written for the model family: normalized_1000 "
+            "(Qwen2-VL, Qwen3-VL), absolute_resized (Qwen2.5-VL) or absolute"
+        ),
+    )
 
     def __post_init__(self) -> None:
         require_str("train", self.train)
@@ -110,3 +153,6 @@ class DataConfig:
         check_privileged_template(self.privileged_template)
         require_int("max_prompt_length", self.max_prompt_length, low=1)
         require_choice("overlong_prompts", self.overlong_prompts, OVERLONG_PROMPTS)
+        require_choice("box_format", self.box_format, BOX_FORMATS)
+        require_choice("box_render", self.box_render, BOX_RENDERS)
+        check_box_template(self.box_template)

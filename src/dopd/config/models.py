@@ -28,14 +28,25 @@ AttnImplementation = Literal[
     "flash_attention_4",
     "flex_attention",
 ]
+ModelKind = Literal["causal_lm", "image_text_to_text"]
+MODEL_KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
+VLM_FAMILIES = ("qwen2_vl", "qwen3_vl")
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 ATTN_IMPLEMENTATIONS: tuple[AttnImplementation, ...] = get_args(AttnImplementation)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """Where a model comes from: a pretrained ``path``, or a random-init ``tiny`` Qwen3."""
+    """Where a model comes from: a pretrained ``path``, or a random-init ``tiny`` Qwen3 (or, for
+    ``kind: image_text_to_text``, a tiny Qwen2-VL / Qwen3-VL: ``tiny: {family: qwen3_vl, ...}``)."""
 
+    kind: ModelKind = field(
+        default="causal_lm",
+        metadata=doc(
+            "causal_lm (text) or image_text_to_text (a vision-language model: Qwen2-VL, "
+            "Qwen2.5-VL, Qwen3-VL; a tiny one needs tiny.family qwen2_vl or qwen3_vl)"
+        ),
+    )
     path: str | None = field(
         default=None, metadata=doc("hub id or local directory of a pretrained model")
     )
@@ -73,6 +84,22 @@ class ModelSpec:
             )
         if self.path is not None:
             require_str("path", self.path)
+        require_choice("kind", self.kind, MODEL_KINDS)
+        family = (self.tiny or {}).get("family")
+        if (
+            self.tiny is not None
+            and self.kind == "image_text_to_text"
+            and family not in VLM_FAMILIES
+        ):
+            raise ConfigError(
+                f"tiny.family={quote(family)} with kind=image_text_to_text; fix: set tiny.family "
+                "to qwen2_vl or qwen3_vl"
+            )
+        if self.tiny is not None and self.kind == "causal_lm" and family is not None:
+            raise ConfigError(
+                f"tiny.family={quote(family)} builds a vision-language model; fix: set "
+                "kind: image_text_to_text, or remove tiny.family for a text model"
+            )
         require_choice("dtype", self.dtype, DTYPES)
         require_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         require_choice("trust_remote_code", self.trust_remote_code, BOOLS)

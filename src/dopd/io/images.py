@@ -31,6 +31,7 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 
 from dopd.errors import ConfigError, DataError, quote
+from dopd.io.data import _MISSING, lookup
 from dopd.io.readers import read_rows
 
 BoxFormat = Literal["absolute", "normalized_1000"]
@@ -39,6 +40,8 @@ BOX_FORMATS: tuple[str, ...] = ("absolute", "normalized_1000")
 BOX_RENDERS: tuple[str, ...] = ("normalized_1000", "absolute_resized", "absolute")
 DEFAULT_BOX_TEMPLATE = "{label}: [{x1}, {y1}, {x2}, {y2}]"
 BOX_FIELDS = ("label", "x1", "y1", "x2", "y2")
+# The fields of a vision row, each read from the column of the same name unless ``columns`` maps it.
+VISION_FIELDS = ("prompt", "images", "boxes", "answer")
 VISION_ROW_FIX = (
     'each row needs "prompt" (text), "images" (a path, bytes or {"bytes", "path"}, or a list of '
     'them) and "boxes" ([{"label": "...", "box": [x1, y1, x2, y2]}, ...])'
@@ -90,10 +93,12 @@ def load_vision_examples(
     box_format: BoxFormat = "absolute",
     privileged: bool = True,
     subset: str | None = None,
+    columns: Mapping[str, str | None] | None = None,
 ) -> list[VisionExample]:
     """Read vision rows from a .jsonl/.json/.parquet file or a ``datasets`` name (as
     ``dopd.io.data.load_examples``). Relative image paths are resolved against the data file's
-    folder. ``privileged=False`` (evaluation data) lets rows lack boxes.
+    folder. ``privileged=False`` (evaluation data) lets rows lack boxes. ``columns`` maps the
+    fields of ``VISION_FIELDS`` to column names or dotted paths (missing keys: the field's name).
 
     Raises ``DataError`` naming the file and line (or row) and the field of the first bad row.
     """
@@ -104,12 +109,23 @@ def load_vision_examples(
             f"{source}: no examples found; fix: add at least one row ({VISION_ROW_FIX})"
         )
     base = Path(source).parent if Path(source).is_file() else None
+    paths = {name: (columns or {}).get(name) or name for name in VISION_FIELDS}
+    if any(paths[name] != name for name in VISION_FIELDS):
+        rows = [(where, _renamed(row, paths)) for where, row in rows]
     return [
         vision_example_from_row(
             row, where, box_format=box_format, privileged=privileged, base_dir=base
         )
         for where, row in rows
     ]
+
+
+def _renamed(row: Any, paths: Mapping[str, str]) -> Any:
+    """``row`` with each field of ``VISION_FIELDS`` read from its column (absent stays absent)."""
+    if not isinstance(row, dict):
+        return row
+    values = {name: lookup(row, path) for name, path in paths.items()}
+    return {name: value for name, value in values.items() if value is not _MISSING}
 
 
 def vision_example_from_row(

@@ -60,17 +60,31 @@ class ViewInputs:
         attention_mask: ``[B, P + T]`` long, 1 on real prompt tokens and valid completion tokens.
         position_ids: ``[B, P + T]`` long, 0 at each row's first real token.
         completion_length: ``T``.
+        model_kwargs: further forward inputs of a vision-language view (``pixel_values``
+            ``[N, D]``, ``image_grid_thw`` ``[I, 3]``, ``mm_token_type_ids`` ``[B, P + T]``:
+            ``dopd.modeling.vlm_views.with_images``), or None. When given, ``position_ids`` are
+            not passed: Qwen-VL computes its multimodal RoPE itself, and 1-D positions would
+            misplace the image tokens.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     position_ids: Tensor
     completion_length: int
+    model_kwargs: dict[str, Tensor] | None = None
 
     @property
     def completion_mask(self) -> Tensor:
         """``[B, T]`` bool, the valid completion positions of this view."""
         return self.attention_mask[:, -self.completion_length :].bool()
+
+    def forward_inputs(self) -> dict[str, Tensor]:
+        """The keyword arguments of the model's forward: ids, attention mask and either the
+        text positions or the view's ``model_kwargs``."""
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.model_kwargs is None:
+            return {**inputs, "position_ids": self.position_ids}
+        return {**inputs, **self.model_kwargs}
 
 
 def build_view_inputs(
@@ -164,9 +178,7 @@ def completion_logits(
     """
     length = inputs.completion_length
     outputs = model(
-        input_ids=inputs.input_ids,
-        attention_mask=inputs.attention_mask,
-        position_ids=inputs.position_ids,
+        **inputs.forward_inputs(),
         use_cache=False,
         **_logits_to_keep(model, length + 1),
     )
@@ -287,9 +299,7 @@ def completion_hidden_states(
     handle = head.register_forward_pre_hook(keep_input)
     try:
         outputs = model(
-            input_ids=inputs.input_ids,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
+            **inputs.forward_inputs(),
             use_cache=False,
             **_logits_to_keep(model, length + 1),
         )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -47,6 +50,13 @@ from transformers import (
 
 from dopd.errors import ConfigError, quote
 from dopd.modeling.tiny import build_char_tokenizer, build_tiny_model
+from dopd.modeling.tiny_vlm import (
+    ImageOnlyQwen2VLProcessor,
+    ImageOnlyQwen3VLProcessor,
+    build_tiny_vlm,
+    build_tiny_vlm_processor,
+    build_vlm_char_tokenizer,
+)
 
 _DTYPES = {
     "auto": "auto",
@@ -79,6 +89,13 @@ RESERVED_TINY = {
 TINY_KEYS = frozenset(Qwen3Config().to_dict()) | frozenset(
     name for name in inspect.signature(build_tiny_model).parameters if name != "overrides"
 )
+# The keys of a tiny vision-language model (``tiny: {family: qwen3_vl, ...}``): family and
+# build_tiny_vlm's sizes; vocab_size as for a text model.
+TINY_VLM_KEYS = frozenset(
+    name
+    for name in inspect.signature(build_tiny_vlm).parameters
+    if name not in ("tokenizer", "seed", "text_overrides")
+) | {"vocab_size"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +114,9 @@ def load_tokenizer(tokenizer_spec, student_spec) -> PreTrainedTokenizerBase:
     """
     if tokenizer_spec.characters is not None:
         key, source = "tokenizer.characters", tokenizer_spec.characters
-        tokenizer = build_char_tokenizer(tokenizer_spec.characters)
+        vlm = getattr(student_spec, "kind", "causal_lm") == "image_text_to_text"
+        build = build_vlm_char_tokenizer if vlm else build_char_tokenizer
+        tokenizer = build(tokenizer_spec.characters)  # a VLM's: with the vision tokens
     else:
         key, source, trust = tokenizer_source(tokenizer_spec, student_spec)
         tokenizer = load_pretrained(AutoTokenizer, key, source, trust_remote_code=trust)
@@ -142,8 +161,9 @@ def load_model(
             attn_implementation=spec.attn_implementation,
         )
         return model if spec.dtype == "auto" else model.to(_DTYPES[spec.dtype])
+    vlm = getattr(spec, "kind", "causal_lm") == "image_text_to_text"
     return load_pretrained(
-        AutoModelForCausalLM,
+        AutoModelForImageTextToText if vlm else AutoModelForCausalLM,
         f"{key}.path" if key else "path",
         spec.path,
         dtype=_DTYPES[spec.dtype],
@@ -173,6 +193,8 @@ def build_tiny(
     ``flash_attention_2`` without its package) one naming the spec's ``attn_implementation``.
     """
     options = dict(tiny)
+    if "family" in options:
+        return _build_tiny_vlm(options, tokenizer, seed=seed, key=key)
     for name, owner in RESERVED_TINY.items():
         if name in options:
             owner = owner or _sibling(key, name)
@@ -200,6 +222,57 @@ def build_tiny(
             f"{key}={quote(dict(tiny))}: cannot build a Qwen3 model ({type(error).__name__}: "
             f"{_first_line(error)}); fix: give positive integer sizes that Qwen3Config accepts"
         ) from None
+
+
+def _build_tiny_vlm(
+    options: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, seed: int, key: str
+) -> PreTrainedModel:
+    """``build_tiny_vlm`` from ``tiny: {family: ..., sizes}``; bad keys name ``key``."""
+    for name in options:
+        if name not in TINY_VLM_KEYS:
+            close = difflib.get_close_matches(name, sorted(TINY_VLM_KEYS), n=1)
+            hint = f"did you mean {key}.{close[0]}?" if close else f"use {sorted(TINY_VLM_KEYS)}"
+            raise ConfigError(f"{key}.{name} is not a tiny vision-language model key; {hint}")
+    family = options.pop("family")
+    try:
+        return build_tiny_vlm(family, tokenizer, seed=seed, **options)
+    except ConfigError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    except BUILD_ERRORS as error:
+        raise ConfigError(
+            f"{key}={quote(dict(options, family=family))}: cannot build a {family} model "
+            f"({type(error).__name__}: {_first_line(error)}); fix: give positive integer sizes"
+        ) from None
+
+
+def load_processor(config, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The processor of a vision-language run (``config.is_vlm``): a tiny student's
+    (``build_tiny_vlm_processor`` around ``tokenizer``, from the student's vision config), else
+    ``AutoProcessor`` from ``tokenizer.path`` or the student's path."""
+    if config.student.tiny is not None and config.tokenizer.characters is not None:
+        with torch.device("meta"):
+            model = build_tiny(config.student.tiny, tokenizer, seed=0, key="student.tiny")
+        return build_tiny_vlm_processor(tokenizer, model.config)
+    if config.tokenizer.characters is not None:
+        raise ConfigError(
+            "tokenizer.characters with a pretrained vision-language student: its processor "
+            "needs the student's image settings; fix: remove tokenizer.characters"
+        )
+    key, source, trust = tokenizer_source(config.tokenizer, config.student)
+    processor = load_pretrained(AutoProcessor, key, source, trust_remote_code=trust)
+    if hasattr(processor, "image_processor"):
+        return processor
+    # A tiny run's export names its image-only processor, which AutoProcessor does not know.
+    manifest = Path(source).expanduser() / "processor_config.json"
+    name = json.loads(manifest.read_text()).get("processor_class") if manifest.is_file() else None
+    own = {cls.__name__: cls for cls in (ImageOnlyQwen2VLProcessor, ImageOnlyQwen3VLProcessor)}
+    if name in own:
+        return load_pretrained(own[name], key, source)
+    raise ConfigError(
+        f"{key}={quote(source)}: AutoProcessor found no image processor there "
+        f"(got {type(processor).__name__}); fix: point it at the vision-language model's folder "
+        "or hub id, which holds preprocessor_config.json / processor_config.json"
+    )
 
 
 def load_pretrained(loader: Any, key: str, path: str, **kwargs: Any) -> Any:

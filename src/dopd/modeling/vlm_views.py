@@ -34,7 +34,17 @@ from dopd.io.data import (
     check_privileged_template,
 )
 from dopd.io.images import DEFAULT_BOX_TEMPLATE, BoxRender, VisionExample, render_boxes
-from dopd.modeling.alignment import build_view_inputs, left_pad, unwrapped, vocabulary_slice
+from dopd.modeling.alignment import (
+    ViewInputs,
+    build_view_inputs,
+    left_pad,
+    unwrapped,
+    vocabulary_slice,
+)
+
+# Vision token ids a completion must never hold: an image placeholder in the completion would
+# ask the model for image features that do not exist (rollouts mask them, ``vision_token_ids``).
+VISION_CONFIG_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id")
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,96 @@ class VLMViewInputs:
             "pixel_values": self.pixel_values,
             "image_grid_thw": self.image_grid_thw,
         }
+
+
+@dataclass(frozen=True)
+class RowImages:
+    """The image inputs of ``B`` rows, concatenated in row order as Qwen-VL takes them.
+
+    Attributes:
+        pixel_values: ``[N, D]`` float, the patches of every image of rows ``0 .. B-1``.
+        image_grid_thw: ``[I, 3]`` long, the ``(t, h, w)`` patch grid of each image; image ``i``
+            owns ``t·h·w`` consecutive rows of ``pixel_values``.
+        images_per_row: ``[B]`` long, how many images each row has (``I`` in all).
+    """
+
+    pixel_values: Tensor
+    image_grid_thw: Tensor
+    images_per_row: Tensor
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple[Tensor, Tensor]]) -> RowImages:
+        """Concatenate per-row ``(pixel_values [N_b, D], image_grid_thw [I_b, 3])`` pairs."""
+        if not rows:
+            raise DOPDError("RowImages.from_rows needs at least one row")
+        return cls(
+            torch.cat([pixels for pixels, _ in rows]),  # [N, D]
+            torch.cat([grid for _, grid in rows]),  # [I, 3]
+            torch.tensor([grid.shape[0] for _, grid in rows], dtype=torch.long),  # [B]
+        )
+
+    def __len__(self) -> int:
+        return self.images_per_row.shape[0]
+
+    def select(self, rows: slice) -> RowImages:
+        """The images of the contiguous rows ``rows`` (step 1): their images are the image
+        range given by the cumulative ``images_per_row``, their patches the patch range given by
+        the cumulative ``t·h·w`` of the images before them."""
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise DOPDError(f"RowImages.select takes contiguous rows, got step {step}")
+        image_ends = torch.cat([torch.zeros(1, dtype=torch.long), self.images_per_row.cumsum(0)])
+        first, last = int(image_ends[start]), int(image_ends[max(stop, start)])
+        patch_ends = torch.cat(
+            [
+                torch.zeros(1, dtype=torch.long),
+                self.image_grid_thw.prod(-1).long().cpu().cumsum(0),
+            ]
+        )  # [I + 1]
+        return RowImages(
+            self.pixel_values[int(patch_ends[first]) : int(patch_ends[last])],
+            self.image_grid_thw[first:last],
+            self.images_per_row[start:stop],
+        )
+
+    def to(self, device: torch.device | str) -> RowImages:
+        """The same images with ``pixel_values`` and ``image_grid_thw`` on ``device``."""
+        return RowImages(
+            self.pixel_values.to(device), self.image_grid_thw.to(device), self.images_per_row
+        )
+
+
+def with_images(view: ViewInputs, images: RowImages, image_token_id: int) -> ViewInputs:
+    """``view`` (``[B, P + T]``, from ``build_view_inputs`` on prompts holding expanded image
+    tokens) with ``model_kwargs``: ``pixel_values`` ``[N, D]``, ``image_grid_thw`` ``[I, 3]`` and
+    ``mm_token_type_ids`` ``[B, P + T]`` (1 where ``input_ids`` is ``image_token_id``, as the
+    processor writes it for images), so that its forward takes no 1-D ``position_ids``."""
+    if len(images) != view.input_ids.shape[0]:
+        raise DOPDError(
+            f"{len(images)} image rows for a view of {view.input_ids.shape[0]} rows; "
+            "pass one image row per view row"
+        )
+    device = view.input_ids.device
+    token_types = (view.input_ids == image_token_id).long()  # [B, P + T]
+    kwargs = {
+        "pixel_values": images.pixel_values.to(device),
+        "image_grid_thw": images.image_grid_thw.to(device),
+        "mm_token_type_ids": token_types,
+    }
+    return ViewInputs(
+        view.input_ids, view.attention_mask, view.position_ids, view.completion_length, kwargs
+    )
+
+
+def vision_token_ids(config: Any) -> list[int]:
+    """The ids of a VLM ``config`` (``VISION_CONFIG_KEYS``) that rollouts must not sample."""
+    return sorted(
+        {
+            int(value)
+            for key in VISION_CONFIG_KEYS
+            if (value := getattr(config, key, None)) is not None
+        }
+    )
 
 
 def vlm_prompt(

@@ -28,6 +28,7 @@ from torch import Tensor
 from dopd.config import TrainConfig
 from dopd.config.rollout import RolloutConfig
 from dopd.errors import DOPDError
+from dopd.modeling.vlm_views import RowImages
 from dopd.training.rollout import Rollouts, finish_rollouts, generate_rollouts
 from dopd.training.shards import is_sharded
 from dopd.training.vllm_engine import (
@@ -48,7 +49,14 @@ class HFBackend:
     def __init__(self, rollout: RolloutConfig, tokenizer, vocab_size: int):
         self.rollout, self.tokenizer, self.vocab_size = rollout, tokenizer, vocab_size
 
-    def generate(self, policy, prompt_ids: list[list[int]], row_seeds: Tensor) -> Rollouts:
+    def generate(
+        self,
+        policy,
+        prompt_ids: list[list[int]],
+        row_seeds: Tensor,
+        images: RowImages | None = None,
+    ) -> Rollouts:
+        """``images``: a vision-language run's image rows, one per prompt (generate_rollouts)."""
         rollout = self.rollout
         return generate_rollouts(
             policy,
@@ -65,6 +73,7 @@ class HFBackend:
             generation_batch_size=rollout.generation_batch_size,
             record_log_probs=True,
             synced=is_sharded(policy),
+            images=images,
         )
 
     def weights_changed(self) -> None:

@@ -61,8 +61,14 @@ def load_eval_model(source: str, config: TrainConfig | None = None) -> tuple[Any
     Raises a one-line ``DOPDError`` (``ConfigError`` for a bad source) naming ``--model``.
     """
     if is_checkpoint(source):
-        model, tokenizer = _checkpoint_student(Path(source), config or checkpoint_config(source))
+        config = config or checkpoint_config(source)
+        _refuse_vision_language(source, config.is_vlm)
+        model, tokenizer = _checkpoint_student(Path(source), config)
     else:
+        manifest = Path(source).expanduser() / "config.json"
+        _refuse_vision_language(
+            source, manifest.is_file() and "vision_config" in manifest.read_text(encoding="utf-8")
+        )
         tokenizer = with_eos_and_pad(
             load_pretrained(AutoTokenizer, "--model", source), f"--model={source!r}"
         )
@@ -70,6 +76,14 @@ def load_eval_model(source: str, config: TrainConfig | None = None) -> tuple[Any
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval(), tokenizer
+
+
+def _refuse_vision_language(source: str, is_vlm: bool) -> None:
+    if is_vlm:
+        raise ConfigError(
+            f"--model {source!r} is a vision-language model, which dopd eval does not evaluate "
+            "yet (docs/training.md §12); fix: evaluate a text model"
+        )
 
 
 def _checkpoint_student(folder: Path, config: TrainConfig) -> tuple[Any, Any]:

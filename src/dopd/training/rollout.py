@@ -34,6 +34,7 @@ from transformers.generation.logits_process import (
 from dopd.errors import ConfigError, DOPDError
 from dopd.hashing import hash_uniform, splitmix
 from dopd.modeling.alignment import completion_mask_after_eos, left_pad
+from dopd.modeling.vlm_views import RowImages, vision_token_ids
 
 
 def rollout_seeds(seed: int, step: int, prompt_ids: Tensor, num_generations: int) -> Tensor:
@@ -48,16 +49,20 @@ def rollout_seeds(seed: int, step: int, prompt_ids: Tensor, num_generations: int
 
 
 class VocabularyMask(LogitsProcessor):
-    """Sets the logits ``[B, V_model]`` of ids ``>= vocab_size`` to -inf, so they are never
-    generated; returns the scores themselves when the head has no such ids."""
+    """Sets the logits ``[B, V_model]`` of ids ``>= vocab_size`` and of ``suppress_ids`` (a
+    vision-language model's image placeholders) to -inf, so they are never generated; returns
+    the scores themselves when there is nothing to mask."""
 
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
+    def __init__(self, vocab_size: int, suppress_ids: Sequence[int] = ()):
+        self.vocab_size, self.suppress_ids = vocab_size, sorted(set(suppress_ids))
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if scores.shape[-1] <= self.vocab_size:
+        masked = list(range(self.vocab_size, scores.shape[-1])) + [
+            i for i in self.suppress_ids if i < min(self.vocab_size, scores.shape[-1])
+        ]
+        if not masked:
             return scores
-        padded = torch.arange(self.vocab_size, scores.shape[-1], device=scores.device)
+        padded = torch.tensor(masked, dtype=torch.long, device=scores.device)
         # Out of place: generate may keep the scores it passes in (output_scores).
         return scores.index_fill(-1, padded, float("-inf"))  # [B, V_model]
 
@@ -148,6 +153,7 @@ def rollout_logits_processors(
     top_k: int = 0,
     vocab_size: int | None = None,
     record_log_probs: bool = False,
+    suppress_ids: Sequence[int] = (),
 ) -> LogitsProcessorList:
     """The logits processors ``generate_rollouts`` hands to ``generate``, in the order they run.
 
@@ -165,10 +171,11 @@ def rollout_logits_processors(
         vocab_size: the run's common vocabulary; ids ``>= vocab_size`` are masked first.
         record_log_probs: the sampler keeps each sampled token's log-probability under the
             model's distribution over the common vocabulary, before temperature, top-k and top-p.
+        suppress_ids: ids never generated, masked with the padded ids (needs ``vocab_size``).
     """
     processors = LogitsProcessorList()
     if vocab_size is not None:
-        processors.append(VocabularyMask(vocab_size))
+        processors.append(VocabularyMask(vocab_size, suppress_ids))
     if row_seeds is not None:
         sampler = HashInverseCDFSampler(row_seeds, prompt_length, record_log_probs=record_log_probs)
         warpers = [
@@ -272,6 +279,7 @@ def generate_rollouts(
     generation_batch_size: int = 0,
     record_log_probs: bool = False,
     synced: bool = False,
+    images: RowImages | None = None,
 ) -> Rollouts:
     """Sample ``num_generations`` completions per prompt with HF ``generate`` (greedy when
     ``row_seeds`` is None).
@@ -288,6 +296,10 @@ def generate_rollouts(
         synced: every rank keeps running forwards until all ranks' rows are done (``generate``'s
             ``synced_gpus``). A sharded (FSDP2) model needs it: each forward gathers parameters
             from every rank, so all ranks must take the same number of decoding steps.
+        images: a vision-language model's ``P`` image rows, one per prompt (repeated here for
+            each generation): ``generate`` gets each chunk's ``pixel_values``,
+            ``image_grid_thw`` and ``mm_token_type_ids``, and the vision tokens
+            (``vlm_views.vision_token_ids``) are never sampled.
 
     Returns:
         ``Rollouts`` with ``B = P * num_generations`` rows, prompt-major.
@@ -303,8 +315,27 @@ def generate_rollouts(
     )
     completions: list[Tensor] = []
     log_probs: list[Tensor] = []
+    suppress, row_images = (), None
+    if images is not None:
+        suppress = vision_token_ids(model.config)
+        repeated_images = [images.select(slice(p, p + 1)) for p in range(len(prompt_ids))]
+        row_images = RowImages.from_rows(
+            [
+                (one.pixel_values, one.image_grid_thw)
+                for one in repeated_images
+                for _ in range(num_generations)
+            ]
+        )
     for start in range(0, len(repeated), step):
         input_ids, attention_mask = left_pad(repeated[start : start + step], pad_token_id, device)
+        extra = {}
+        if row_images is not None:
+            chunk = row_images.select(slice(start, start + step)).to(device)
+            extra = {
+                "pixel_values": chunk.pixel_values,
+                "image_grid_thw": chunk.image_grid_thw,
+                "mm_token_type_ids": (input_ids == model.config.image_token_id).long(),
+            }
         processors = rollout_logits_processors(
             input_ids.shape[1],
             row_seeds=None if row_seeds is None else row_seeds[start : start + step],
@@ -313,6 +344,7 @@ def generate_rollouts(
             top_k=top_k,
             vocab_size=vocab_size,
             record_log_probs=record_log_probs,
+            **({"suppress_ids": suppress} if suppress else {}),
         )
         output = model.generate(
             input_ids=input_ids,
@@ -320,6 +352,7 @@ def generate_rollouts(
             generation_config=config,
             logits_processor=processors,
             synced_gpus=synced,
+            **extra,
         )
         completions.append(output[:, input_ids.shape[1] :])  # [b, T_chunk]
         sampler = processors[-1] if processors else None

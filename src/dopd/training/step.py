@@ -46,6 +46,7 @@ from dopd.modeling.alignment import (
     completion_logits,
     output_head_problem,
 )
+from dopd.modeling.vlm_views import RowImages, with_images
 from dopd.objectives.base import Objective, ObjectiveThresholds, objective_loss
 from dopd.objectives.chunked import (
     DEFAULT_CHUNK_ROWS,
@@ -97,6 +98,8 @@ def make_micro_batches(
     *,
     token_classes: Tensor | None = None,
     rollout_log_probs: Tensor | None = None,
+    images: RowImages | None = None,
+    image_token_id: int | None = None,
 ) -> list[MicroBatch]:
     """Split rollout rows into micro-batches and lay out ``[prompt | completion]`` per view.
 
@@ -105,7 +108,16 @@ def make_micro_batches(
         view_prompts: view name -> ``B`` prompt-id lists (row-aligned with the completions).
         token_classes: ``[B, T]`` long true token classes (``MicroBatch.token_classes``), or None.
         rollout_log_probs: ``[B, T]`` engine log-probs (``MicroBatch.rollout_log_probs``), or None.
+        images: a vision-language run's ``B`` image rows (the same images in every view), with
+            ``image_token_id`` the id of an image token: each micro-batch's views then carry its
+            rows' ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids``
+            (``dopd.modeling.vlm_views.with_images``).
     """
+    if images is not None and (image_token_id is None or len(images) != completion_ids.shape[0]):
+        raise DOPDError(
+            f"images of {len(images)} rows for {completion_ids.shape[0]} completions "
+            f"(image_token_id={image_token_id}); pass one image row per completion and the id"
+        )
     batches = []
     for start in range(0, completion_ids.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
@@ -114,6 +126,12 @@ def make_micro_batches(
             name: build_view_inputs(prompts[rows], ids, mask, pad_token_id)
             for name, prompts in view_prompts.items()
         }
+        if images is not None:
+            rows_images = images.select(rows)
+            inputs = {
+                name: with_images(view, rows_images, image_token_id)
+                for name, view in inputs.items()
+            }
         check_aligned(*(view.completion_mask for view in inputs.values()))
         classes = None if token_classes is None else token_classes[rows]
         engine = None if rollout_log_probs is None else rollout_log_probs[rows]

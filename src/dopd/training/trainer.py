@@ -48,6 +48,7 @@ from dopd.training.run_lock import lock_run
 from dopd.training.shards import is_sharded
 from dopd.training.step import make_micro_batches, run_step
 from dopd.training.tracking import RunRecords, accelerator_options, quiet_progress_bars
+from dopd.training.vlm_data import row_images, vlm_processor, vlm_prompts
 
 
 def _closes_on_error(method):
@@ -118,6 +119,7 @@ class Trainer:
         # Sources, data and models are checked and loaded before output_dir is touched, so a bad
         # input never deletes (--overwrite) or half-writes a run.
         self.tokenizer = check_sources(config)
+        self.processor = vlm_processor(config, self.tokenizer)  # None: a text run
         check_backend(config.rollout)
         self._load_data(verifier)
         self._build_models()
@@ -143,8 +145,13 @@ class Trainer:
     def _load_data(self, verifier) -> None:
         data = self.config.data
         columns = data.columns.mapping()
-        train = load_examples(data.train, columns, subset=data.subset)
-        self.prompts = tokenized_prompts(train, self.tokenizer, self.config, "train", self._warn)
+        if self.processor is not None:  # vision rows: prompt ids and image tensors, once
+            self.prompts = vlm_prompts(self.processor, self.config, self._warn)
+        else:
+            train = load_examples(data.train, columns, subset=data.subset)
+            self.prompts = tokenized_prompts(
+                train, self.tokenizer, self.config, "train", self._warn
+            )
         if len(self.prompts["plain"]) == 0:
             raise DOPDError(
                 f"data.train={data.train!r}: every prompt is longer than "
@@ -325,10 +332,12 @@ class Trainer:
         ]
         policy = accelerator.unwrap_model(self.student)
         policy.eval()  # generation: no dropout, no gradient checkpointing
+        vlm = self.processor is not None
         rollouts = self.rollout_backend.generate(
             policy,
             [self.prompts["plain"][i] for i in local],
             rollout_seeds(self.config.seed, self.step, local, rollout.num_generations),
+            **({"images": row_images(self.processor, self.prompts, local.tolist())} if vlm else {}),
         )
         policy.train()
         generated = time.perf_counter()
@@ -351,6 +360,8 @@ class Trainer:
             self.tokenizer.pad_token_id,
             token_classes=classes,
             rollout_log_probs=rollouts.sampled_log_probs,
+            images=row_images(self.processor, self.prompts, rows) if vlm else None,
+            image_token_id=getattr(self.processor, "image_token_id", None),
         )
         loop = self.config.loop
         result = run_step(
@@ -472,8 +483,9 @@ class Trainer:
         if peft.enabled:  # the merged model or the adapter alone (peft.export)
             save_lora_model(self.accelerator, self.student, self.tokenizer, target, peft.export)
         else:
+            tokenizer = self.processor or self.tokenizer  # a VLM's folder gets its processor
             save_final_model(
-                self.accelerator, self.student, self.tokenizer, target, self._export_dtype()
+                self.accelerator, self.student, tokenizer, target, self._export_dtype()
             )
 
     def _export_dtype(self) -> torch.dtype | None:
