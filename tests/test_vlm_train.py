@@ -4,6 +4,7 @@ with images, and ``dopd train --config configs/tiny-vlm.yaml`` on CPU."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -16,19 +17,21 @@ from transformers import AutoModelForImageTextToText
 
 from dopd.cli import main
 from dopd.config import load_config, save_config
-from dopd.errors import ConfigError
+from dopd.errors import ConfigError, DataError, DOPDError
 from dopd.io.images import load_vision_examples
 from dopd.modeling.loading import check_sources, load_model, load_processor
 from dopd.modeling.tiny_vlm import IMAGE_PAD, ImageOnlyQwen3VLProcessor
 from dopd.modeling.vlm_views import RowImages, vision_token_ids, vlm_view_prompts
 from dopd.training.eval_model import load_eval_model
+from dopd.training.evaluation import evaluate, exact_match
 from dopd.training.rollout import generate_rollouts, rollout_seeds
-from dopd.training.vlm_data import row_images, vlm_prompts
+from dopd.training.vlm_data import eval_prompts, row_images, vlm_prompts
 from tests.tolerance import REORDERED, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-vlm.yaml"
 DATA = REPO / "configs" / "data" / "vlm" / "train.jsonl"
+EVAL = REPO / "configs" / "data" / "vlm" / "eval.jsonl"
 
 
 def tiny_config(*overrides: str):
@@ -56,7 +59,6 @@ def run_parts():
             "teacher={tiny: {hidden_size: 64}}",
             "teacher.kind=causal_lm but student.kind=image_text_to_text",
         ),
-        ("data.eval=x.jsonl", "data.eval='x.jsonl': not supported yet in vision-language runs"),
         ("rollout.backend=vllm", "rollout.backend='vllm': not supported yet"),
         ("data.box_format=pixels", "data.box_format='pixels' is not allowed"),
         ("data.box_render=pixels", "data.box_render='pixels' is not allowed"),
@@ -240,6 +242,131 @@ def test_generation_sees_the_image(run_parts):
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def test_vlm_eval_rows_are_plain_prompts_with_images_and_answers(run_parts):
+    config, tokenizer, processor, _, _ = run_parts
+    assert config.data.eval is not None and config.loop.eval_every > 0
+    prompts = eval_prompts(config, tokenizer, processor, print)
+    examples = load_vision_examples(str(EVAL), privileged=False)
+    assert sorted(prompts) == ["answer", "images", "plain"]
+    assert prompts["answer"] == [example.answer for example in examples]
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    for index, example in enumerate(examples):
+        text = tokenizer.decode(prompts["plain"][index])
+        # The plain view: the question and the image, never a box even when the row has one.
+        assert example.prompt in text and "[" not in text
+        assert prompts["plain"][index].count(image_id) == 4
+        assert prompts["images"][index] == tuple(example.images)
+    assert any(example.boxes for example in examples)
+    assert any(not example.boxes for example in examples)
+
+
+def test_vlm_eval_rows_need_answers_and_fit_the_prompt_length(tmp_path, run_parts):
+    config, tokenizer, processor, _, _ = run_parts
+    rows = [json.loads(line) for line in EVAL.read_text().splitlines()]
+    del rows[1]["answer"]
+    for image in sorted(EVAL.parent.glob("*.png")):
+        (tmp_path / image.name).write_bytes(image.read_bytes())
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(
+        DataError, match=r"data\.eval=.*eval\.jsonl.*: row 2 has no answer"
+    ) as error:
+        eval_prompts(tiny_config(f"data.eval={data}"), tokenizer, processor, print)
+    assert "\n" not in str(error.value)
+    lengths = [len(ids) for ids in eval_prompts(config, tokenizer, processor, print)["plain"]]
+    warnings = []
+    limit = f"data.max_prompt_length={max(lengths) - 1}"
+    # Training rows are longer (boxes): only the eval rows' limit is at stake here.
+    kept = eval_prompts(tiny_config(limit), tokenizer, processor, warnings.append)
+    assert len(kept["plain"]) == sum(length < max(lengths) for length in lengths)
+    assert "data.eval=" in warnings[0] and "skipped" in warnings[0]
+    with pytest.raises(DOPDError, match=r"data\.eval=.*data\.max_prompt_length=10"):
+        eval_prompts(tiny_config("data.max_prompt_length=10"), tokenizer, processor, print)
+
+
+@pytest.fixture(scope="module")
+def eval_student(run_parts):
+    """The tiny student with its weights spread (seeded noise, std 0.3): a random-init tiny
+    model decodes one special token greedily whatever its input, this one writes text that
+    depends on the image."""
+    student = copy.deepcopy(run_parts[3])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return student
+
+
+def test_vlm_evaluation_in_batches_equals_each_row_alone(run_parts, eval_student):
+    config, tokenizer, processor, _, _ = run_parts
+    student = eval_student
+    prompts = eval_prompts(config, tokenizer, processor, print)
+    rows = list(range(len(prompts["plain"])))
+    greedy = dict(verifier=exact_match, max_new_tokens=config.eval.max_new_tokens)
+
+    def run(indices, batch_size, answers=None):
+        return evaluate(
+            student,
+            tokenizer,
+            [prompts["plain"][i] for i in indices],
+            answers or [prompts["answer"][i] for i in indices],
+            images=row_images(processor, prompts, indices),
+            batch_size=batch_size,
+            **greedy,
+        )
+
+    alone = [run([i], 1).samples[0] for i in rows]
+    completions = [sample["completion"] for sample in alone]
+    assert len(set(completions)) == len(completions)  # each row writes its own text
+    # The same completions batched (one batch, or batches of 2 with per-batch image slices).
+    for batch_size in (len(rows), 2):
+        batched = run(rows, batch_size)
+        assert [sample["completion"] for sample in batched.samples] == completions
+        assert batched.correct == sum(sample["correct"] for sample in alone)
+    # Answers that are the lone completions' last lines: every batched row is then correct.
+    answers = [text.strip().splitlines()[-1] if text.strip() else "x" for text in completions]
+    expected = sum(exact_match(text, answer) for text, answer in zip(completions, answers))
+    assert expected > 0
+    assert run(rows, 2, answers).correct == expected
+    with pytest.raises(DOPDError, match="2 image rows for 4 prompts"):
+        evaluate(
+            student,
+            tokenizer,
+            prompts["plain"],
+            prompts["answer"],
+            images=row_images(processor, prompts, [0, 1]),
+            **greedy,
+        )
+
+
+def test_vlm_evaluation_sees_each_row_s_own_image(run_parts, eval_student):
+    config, tokenizer, processor, _, _ = run_parts
+    student = eval_student
+    prompts = eval_prompts(config, tokenizer, processor, print)
+    one = [prompts["plain"][0]] * 4
+    kwargs = dict(verifier=exact_match, max_new_tokens=config.eval.max_new_tokens)
+    images = row_images(processor, prompts, [0, 1, 2, 3])
+    result = evaluate(student, tokenizer, one, [""] * 4, images=images, batch_size=2, **kwargs)
+    # One question over four images: the completions follow the images, not the first one.
+    alone = [
+        evaluate(
+            student,
+            tokenizer,
+            [prompts["plain"][0]],
+            [""],
+            images=row_images(processor, prompts, [i]),
+            **kwargs,
+        ).samples[0]["completion"]
+        for i in range(4)
+    ]
+    assert [sample["completion"] for sample in result.samples] == alone
+    assert len(set(alone)) > 1
+
+
+# ---------------------------------------------------------------------------------------------
 # End to end
 
 
@@ -258,20 +385,35 @@ def test_tiny_vlm_config_trains_end_to_end(tmp_path):
     )
     assert status in (0, None)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in records] == [1, 2]
+    # Evaluation on the vision rows at the start and the last step (loop.eval_every=3).
+    assert [record["step"] for record in records] == [0, 1, 2]
+    assert [record["step"] for record in records if "eval/accuracy" in record] == [0, 2]
+    assert all(0.0 <= record.get("eval/accuracy", 0.0) <= 1.0 for record in records)
     fractions = [key for key in records[-1] if key.startswith("fraction/")]
     assert sorted(fractions) == ["fraction/HS", "fraction/HT", "fraction/LH", "fraction/LL"]
     assert sum(records[-1][key] for key in fractions) == pytest.approx(1.0)
-    assert all(record["skipped_step"] == 0.0 for record in records)
+    assert all(record["skipped_step"] == 0.0 for record in records[1:])
     model = AutoModelForImageTextToText.from_pretrained(output / "model")
     processor = ImageOnlyQwen3VLProcessor.from_pretrained(output / "model")
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
     assert processor.image_token_id == model.config.image_token_id
-    # dopd eval refuses vision-language models, folders and checkpoints alike, in one line.
-    for source in (output / "model", output / "checkpoints" / "step-000002"):
-        with pytest.raises(ConfigError, match="is a vision-language model") as error:
-            load_eval_model(str(source))
-        assert "\n" not in str(error.value)
+    # dopd eval on the vision rows: the exported folder (with the run's config) and the last
+    # checkpoint (its run's config.yaml) decode the same completions, and score as the run did.
+    written = []
+    for name, source in [("model", output / "model"), ("step", output / "checkpoints/step-000002")]:
+        args = ["eval", "--model", str(source), "--out", str(tmp_path / name)]
+        assert main([*args, "--config", str(CONFIG)] if name == "model" else args) in (0, None)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        lines = (tmp_path / name / "eval.jsonl").read_text().splitlines()
+        assert summary["total"] == len(lines) == len(EVAL.read_text().splitlines())
+        assert summary["accuracy"] == records[-1]["eval/accuracy"]
+        written.append([json.loads(line) for line in lines])
+    assert written[0] == written[1]
+    assert [row["answer"] for row in written[0]] == [
+        json.loads(line)["answer"] for line in EVAL.read_text().splitlines()
+    ]
+    loaded, _ = load_eval_model(str(output / "model"))
+    assert type(loaded).__name__ == "Qwen3VLForConditionalGeneration"
     # The saved student is the trained one, not its initialisation.
     config = tiny_config()
     initial = load_model(config.student, check_sources(config), seed=config.seed, key="student")
@@ -291,8 +433,8 @@ def test_resumed_vlm_run_equals_the_uninterrupted_one(tmp_path):
     train(tmp_path / "parts", "--resume")
 
     def losses(output: Path) -> list[float]:
-        lines = (output / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines]
+        records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("loss"), r.get("eval/accuracy")) for r in records]
 
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
     whole = AutoModelForImageTextToText.from_pretrained(tmp_path / "whole" / "model")
@@ -332,7 +474,8 @@ def test_two_processes_equal_one_process(tmp_path):
     run(tmp_path / "one", 1)
     run(tmp_path / "two", 2)
     one, two = _metric_lines(tmp_path / "one"), _metric_lines(tmp_path / "two")
-    assert len(one) == len(two) == 2
+    assert len(one) == len(two) == 3  # step 0 (evaluation alone), steps 1 and 2
+    assert "eval/accuracy" in one[0] and "eval/accuracy" in two[-1]  # sharded over two ranks
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
         for key in a:

@@ -347,7 +347,6 @@ class TrainConfig:
         if not self.is_vlm:
             return
         refused = [
-            ("data.eval", self.data.eval, self.data.eval is not None, "evaluation on vision rows"),
             (
                 "rollout.backend",
                 self.rollout.backend,

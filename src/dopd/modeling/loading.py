@@ -258,7 +258,12 @@ def load_processor(config, tokenizer: PreTrainedTokenizerBase) -> Any:
             "tokenizer.characters with a pretrained vision-language student: its processor "
             "needs the student's image settings; fix: remove tokenizer.characters"
         )
-    key, source, trust = tokenizer_source(config.tokenizer, config.student)
+    return pretrained_processor(*tokenizer_source(config.tokenizer, config.student))
+
+
+def pretrained_processor(key: str, source: str, trust: bool = False) -> Any:
+    """The vision-language processor of folder or hub id ``source`` (``AutoProcessor``, or a
+    tiny export's image-only processor); a ``ConfigError`` naming ``key`` when it has none."""
     processor = load_pretrained(AutoProcessor, key, source, trust_remote_code=trust)
     if hasattr(processor, "image_processor"):
         return processor

@@ -5,8 +5,11 @@ folder (``output_dir/checkpoints/step-N``: ``student.safetensors`` and ``trainer
 Hugging Face export), whose student is rebuilt from the run's ``config.yaml`` and loaded with the
 checkpoint's weights. With a run config, prompts are read through its ``data.columns`` and
 tokenized with its ``tokenizer.chat_template_kwargs``, exactly as in training; rows need no
-privileged context. ``--out DIR`` writes ``DIR/eval.jsonl`` (one line per example: prompt,
-completion, answer, correct) and ``DIR/summary.json``.
+privileged context. A vision-language model (a folder whose ``config.json`` has a vision config,
+or a checkpoint of a VLM run) is evaluated on vision rows: each row's plain prompt (its images and
+question, ``dopd.training.vlm_data.vision_eval_rows``) with its images. ``--out DIR`` writes
+``DIR/eval.jsonl`` (one line per example: prompt, completion, answer, correct) and
+``DIR/summary.json``.
 
     summary = run_eval("runs/x/checkpoints/step-000010", "data/test.jsonl", out="runs/x/eval")
 """
@@ -19,16 +22,24 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_model as load_safetensors_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from dopd.config import TrainConfig, load_config
 from dopd.errors import ConfigError, DOPDError
 from dopd.io.atomic import write_text_atomically
 from dopd.io.data import load_examples, tokenize_prompt
-from dopd.modeling.loading import load_model, load_pretrained, load_tokenizer, with_eos_and_pad
+from dopd.modeling.loading import (
+    load_model,
+    load_pretrained,
+    load_processor,
+    load_tokenizer,
+    pretrained_processor,
+    with_eos_and_pad,
+)
 from dopd.modeling.peft import apply_lora
 from dopd.training.checkpoint_files import STATE_FILE
 from dopd.training.evaluation import EvalResult, evaluate, load_verifier
+from dopd.training.vlm_data import row_images, vision_eval_rows
 
 STUDENT_FILE = "student.safetensors"
 
@@ -54,36 +65,45 @@ def checkpoint_config(checkpoint: str | Path) -> TrainConfig:
     return load_config(path)
 
 
+def is_vision_language(source: str, config: TrainConfig | None = None) -> bool:
+    """Whether ``source`` is a vision-language model: a checkpoint of a VLM run (``config``,
+    default the run's ``config.yaml``), or a folder whose ``config.json`` has a vision config."""
+    if is_checkpoint(source):
+        return (config or checkpoint_config(source)).is_vlm
+    manifest = Path(source).expanduser() / "config.json"
+    return manifest.is_file() and "vision_config" in manifest.read_text(encoding="utf-8")
+
+
 def load_eval_model(source: str, config: TrainConfig | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a Hugging Face folder or hub id, or of a dopd checkpoint folder
     (its student rebuilt from ``config``, default the run's ``config.yaml``), in eval mode.
 
     Raises a one-line ``DOPDError`` (``ConfigError`` for a bad source) naming ``--model``.
     """
+    model, tokenizer, _ = load_eval_parts(source, config)
+    return model, tokenizer
+
+
+def load_eval_parts(source: str, config: TrainConfig | None = None) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, processor)`` as ``load_eval_model``; the processor of a
+    vision-language model (the run's for a checkpoint, the folder's own otherwise), else None."""
+    processor = None
     if is_checkpoint(source):
         config = config or checkpoint_config(source)
-        _refuse_vision_language(source, config.is_vlm)
         model, tokenizer = _checkpoint_student(Path(source), config)
+        processor = load_processor(config, tokenizer) if config.is_vlm else None
     else:
-        manifest = Path(source).expanduser() / "config.json"
-        _refuse_vision_language(
-            source, manifest.is_file() and "vision_config" in manifest.read_text(encoding="utf-8")
-        )
+        vlm = is_vision_language(source)
         tokenizer = with_eos_and_pad(
             load_pretrained(AutoTokenizer, "--model", source), f"--model={source!r}"
         )
-        model = load_pretrained(AutoModelForCausalLM, "--model", source)
+        if vlm:
+            processor = pretrained_processor("--model", source)
+        loader = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+        model = load_pretrained(loader, "--model", source)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return model.eval(), tokenizer
-
-
-def _refuse_vision_language(source: str, is_vlm: bool) -> None:
-    if is_vlm:
-        raise ConfigError(
-            f"--model {source!r} is a vision-language model, which dopd eval does not evaluate "
-            "yet (docs/training.md §12); fix: evaluate a text model"
-        )
+    return model.eval(), tokenizer, processor
 
 
 def _checkpoint_student(folder: Path, config: TrainConfig) -> tuple[Any, Any]:
@@ -143,13 +163,28 @@ def run_eval(
     verifier = verifier or (config.eval.verifier if config else "exact")
     max_new_tokens = max_new_tokens or (config.eval.max_new_tokens if config else 64)
     check = load_verifier(verifier)  # a bad verifier fails before any model loads
-    columns = config.data.columns.mapping() if config else None
     subset = config.data.subset if config else None
-    examples = load_examples(data, columns, privileged=False, answers=True, subset=subset)
-    examples = examples[:max_examples]
-    network, tokenizer = load_eval_model(model, config)
     kwargs = config.tokenizer.chat_template_kwargs if config else {}
-    prompt_ids = [tokenize_prompt(example.prompt, tokenizer, kwargs) for example in examples]
+    images = None
+    if is_vision_language(model, config):  # vision rows: the plain prompt with its images
+        network, tokenizer, processor = load_eval_parts(model, config)
+        examples, rows = vision_eval_rows(
+            processor,
+            data,
+            key="--data" if config is None or data != config.data.eval else "data.eval",
+            columns=config.data.columns.vision_mapping() if config else None,
+            subset=subset,
+            box_format=config.data.box_format if config else "absolute",
+            chat_template_kwargs=kwargs,
+        )
+        examples, prompt_ids = examples[:max_examples], rows["plain"][:max_examples]
+        images = row_images(processor, rows, list(range(len(prompt_ids))))
+    else:
+        columns = config.data.columns.mapping() if config else None
+        examples = load_examples(data, columns, privileged=False, answers=True, subset=subset)
+        examples = examples[:max_examples]
+        network, tokenizer = load_eval_model(model, config)
+        prompt_ids = [tokenize_prompt(example.prompt, tokenizer, kwargs) for example in examples]
     result = evaluate(
         network,
         tokenizer,
@@ -157,6 +192,7 @@ def run_eval(
         [example.answer or "" for example in examples],
         verifier=check,
         max_new_tokens=max_new_tokens,
+        images=images,
     )
     summary = {
         "accuracy": result.accuracy,

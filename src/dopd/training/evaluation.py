@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dopd.errors import ConfigError, DOPDError
+from dopd.modeling.vlm_views import RowImages
 from dopd.training.rollout import generate_rollouts
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -184,9 +185,19 @@ def evaluate(
     max_new_tokens: int,
     batch_size: int = 16,
     synced: bool = False,
+    images: RowImages | None = None,
 ) -> EvalResult:
     """Greedy completions of ``prompt_ids`` scored against ``answers`` by ``verifier``;
-    ``synced`` as in ``generate_rollouts`` (then every rank must pass as many prompts)."""
+    ``synced`` as in ``generate_rollouts`` (then every rank must pass as many prompts).
+
+    ``images``: a vision-language model's image rows, one per prompt (``vlm_data.row_images``);
+    each batch of prompts generates with its own rows' images, so a row's completion is the one
+    it gets alone."""
+    if images is not None and len(images) != len(prompt_ids):
+        raise DOPDError(
+            f"evaluate got {len(images)} image rows for {len(prompt_ids)} prompts; "
+            "fix: pass one image row per prompt"
+        )
     was_training = model.training
     model.eval()
     result = EvalResult(0, 0)
@@ -198,6 +209,7 @@ def evaluate(
             pad_token_id=tokenizer.pad_token_id,
             max_completion_length=max_new_tokens,
             synced=synced,
+            images=None if images is None else images.select(slice(start, start + batch_size)),
         )
         for row, answer in zip(rollouts.completion_ids, answers[start : start + batch_size]):
             text = tokenizer.decode(row, skip_special_tokens=True)

@@ -18,6 +18,7 @@ route on it (the oracle-routing control on a synthetic task that knows its token
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -159,10 +160,11 @@ def rollout_logits_processors(
 
     Each processor maps ``(input_ids [B, L], scores [B, V_model]) -> scores [B, V_model]``, where
     ``L`` is ``prompt_length`` plus the tokens generated so far. The chain is: ``VocabularyMask``
-    (only with ``vocab_size``), then, when sampling (``row_seeds`` given), temperature (unless
-    1.0), top-k (unless 0), top-p (unless 1.0) and last ``HashInverseCDFSampler``, whose argmax
-    (what greedy ``generate`` takes) is a sample from the softmax of the warped scores. Without
-    ``row_seeds`` only the mask remains, and the argmax is greedy decoding.
+    (only with ``vocab_size`` or ``suppress_ids``), then, when sampling (``row_seeds`` given),
+    temperature (unless 1.0), top-k (unless 0), top-p (unless 1.0) and last
+    ``HashInverseCDFSampler``, whose argmax (what greedy ``generate`` takes) is a sample from the
+    softmax of the warped scores. Without ``row_seeds`` only the mask remains, and the argmax is
+    greedy decoding.
 
     Args:
         prompt_length: padded prompt length ``L_prompt`` of the batch, the position origin of
@@ -171,11 +173,14 @@ def rollout_logits_processors(
         vocab_size: the run's common vocabulary; ids ``>= vocab_size`` are masked first.
         record_log_probs: the sampler keeps each sampled token's log-probability under the
             model's distribution over the common vocabulary, before temperature, top-k and top-p.
-        suppress_ids: ids never generated, masked with the padded ids (needs ``vocab_size``).
+        suppress_ids: ids never generated, masked with the padded ids (without ``vocab_size``
+            alone: greedy evaluation of a vision-language model).
     """
     processors = LogitsProcessorList()
-    if vocab_size is not None:
-        processors.append(VocabularyMask(vocab_size, suppress_ids))
+    if vocab_size is not None or suppress_ids:
+        processors.append(
+            VocabularyMask(sys.maxsize if vocab_size is None else vocab_size, suppress_ids)
+        )
     if row_seeds is not None:
         sampler = HashInverseCDFSampler(row_seeds, prompt_length, record_log_probs=record_log_probs)
         warpers = [

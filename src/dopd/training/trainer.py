@@ -48,7 +48,13 @@ from dopd.training.run_lock import lock_run
 from dopd.training.shards import is_sharded
 from dopd.training.step import make_micro_batches, run_step
 from dopd.training.tracking import RunRecords, accelerator_options, quiet_progress_bars
-from dopd.training.vlm_data import row_images, vlm_processor, vlm_prompts
+from dopd.training.vlm_data import (
+    eval_images,
+    eval_prompts,
+    row_images,
+    vlm_processor,
+    vlm_prompts,
+)
 
 
 def _closes_on_error(method):
@@ -158,18 +164,8 @@ class Trainer:
                 f"data.max_prompt_length={data.max_prompt_length}; "
                 "fix: raise data.max_prompt_length or shorten the prompts"
             )
-        # Evaluation decodes the plain prompt only: its rows may lack privileged context.
-        self.eval_prompts = (
-            tokenized_prompts(
-                load_examples(data.eval, columns, privileged=False, subset=data.subset),
-                self.tokenizer,
-                self.config,
-                "eval",
-                self._warn,
-            )
-            if data.eval
-            else None
-        )
+        # Evaluation decodes the plain prompt only (with a vision row's images).
+        self.eval_prompts = eval_prompts(self.config, self.tokenizer, self.processor, self._warn)
         world, per_step = self.accelerator.num_processes, self.config.rollout.prompts_per_step
         if per_step % world:
             raise ConfigError(
@@ -467,6 +463,7 @@ class Trainer:
             verifier=self.verifier,
             max_new_tokens=settings.max_new_tokens,
             synced=synced,
+            images=eval_images(self.processor, self.eval_prompts, shard),
         )
         result = result.first(real)  # without the padding
         counts = sum_across(
