@@ -249,6 +249,18 @@ def _check_messages(messages: Any, where: str, field: str = "prompt") -> None:
 # Privileged prompts
 
 
+def format_fields(key: str, template: str) -> list[tuple[str, str, str, str | None]]:
+    """The replacement fields of ``template`` (``string.Formatter().parse`` items with a field
+    name); a ``ConfigError`` naming ``key`` if it is not a format string."""
+    try:
+        return [item for item in string.Formatter().parse(template) if item[1] is not None]
+    except ValueError as error:
+        raise ConfigError(
+            f"{key}={quote(template)} is not a format string ({error}); "
+            "write literal braces as {{ and }}"
+        ) from None
+
+
 def check_privileged_template(template: str) -> None:
     """Raise ``ConfigError`` unless ``template`` is a format string using exactly ``{prompt}``
     and ``{privileged_context}``, each plain: no conversion (``!r``) and no format spec (``:>9``),
@@ -260,13 +272,7 @@ def check_privileged_template(template: str) -> None:
             f"privileged_template={quote(template)} holds the unpaired surrogate "
             f"{template[error.start : error.end]!r}, which is not text; fix: remove it"
         ) from None
-    try:
-        parsed = [field for field in string.Formatter().parse(template) if field[1] is not None]
-    except ValueError as error:
-        raise ConfigError(
-            f"privileged_template={quote(template)} is not a format string ({error}); "
-            "write literal braces as {{ and }}"
-        ) from None
+    parsed = format_fields("privileged_template", template)
     names = {name for _, name, _, _ in parsed}
     if names != set(TEMPLATE_FIELDS):
         raise ConfigError(

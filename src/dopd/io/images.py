@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import math
-import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 
 from dopd.errors import ConfigError, DataError, quote
-from dopd.io.data import _MISSING, lookup
+from dopd.io.data import _MISSING, format_fields, lookup
 from dopd.io.readers import read_rows
 
 BoxFormat = Literal["absolute", "normalized_1000"]
@@ -310,13 +309,7 @@ def check_box_format(box_format: str) -> None:
 def check_box_template(template: str) -> None:
     """Raise ``ConfigError`` unless ``template`` is a format string whose fields are plain
     ``{x1}``, ``{y1}``, ``{x2}``, ``{y2}`` (all four) and optionally ``{label}``."""
-    try:
-        parsed = [item for item in string.Formatter().parse(template) if item[1] is not None]
-    except ValueError as error:
-        raise ConfigError(
-            f"data.box_template={quote(template)} is not a format string ({error}); "
-            "write literal braces as {{ and }}"
-        ) from None
+    parsed = format_fields("data.box_template", template)
     names = [name for _, name, _, _ in parsed]
     unknown = sorted(set(names) - set(BOX_FIELDS))
     missing = [name for name in ("x1", "y1", "x2", "y2") if name not in names]
